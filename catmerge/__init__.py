@@ -1,0 +1,25 @@
+"""catmerge: training-free merging of expert models fine-tuned from one pretrained model.
+
+The public surface is small: build models from architecture configs, compute task vectors,
+merge them with a named method, evaluate with a zero-shot head. Names are imported lazily so
+that light stages do not pay for importing open_clip.
+"""
+
+import importlib
+
+_PUBLIC = {
+    "create_clip": "models",
+    "create_image_tower": "models",
+    "load_weights": "io",
+    "save_weights": "io",
+    "task_vector": "task_vectors",
+    "apply_task_vector": "task_vectors",
+    "METHODS": "merging",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    raise AttributeError(f"module 'catmerge' has no attribute {name!r}")

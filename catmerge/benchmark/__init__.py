@@ -1,0 +1,1 @@
+"""The offline mini benchmark: tasks built from real images that ship inside PyPI packages."""

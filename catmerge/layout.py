@@ -1,0 +1,30 @@
+"""Where each stage's artifacts live (relative to the project root; see docs/artifacts.md)."""
+
+from pathlib import Path
+
+DATA = Path("data")
+PRETRAINED_DIR = DATA / "pretrained"
+PRETRAINED_TOWER = PRETRAINED_DIR / "image_tower.safetensors"
+PRETRAINED_TEXT = PRETRAINED_DIR / "text_projection.safetensors"
+MERGED_DIR = DATA / "merged"
+METRICS_DIR = Path("metrics")
+
+
+def dataset_dir(task: str) -> Path:
+    return DATA / "datasets" / task
+
+
+def expert_dir(task: str) -> Path:
+    return DATA / "experts" / task
+
+
+def task_vector_path(task: str) -> Path:
+    return DATA / "task_vectors" / f"{task}.safetensors"
+
+
+def reference_scores_path(task: str) -> Path:
+    return DATA / "reference_scores" / f"{task}.json"
+
+
+def merged_path(method: str) -> Path:
+    return MERGED_DIR / f"{method}.safetensors"

@@ -1,0 +1,86 @@
+"""Models built from architecture configs (see configs.py): open_clip image towers, CLIP pairs."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.model import CustomTextCLIP, _build_vision_tower
+from torch import nn
+
+from .configs import model_config
+
+IMAGE_MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+IMAGE_STD = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+
+
+def create_image_tower(name: str) -> nn.Module:
+    """The open_clip VisionTransformer of config `name`, randomly initialised, in eval mode."""
+    config = model_config(name)
+    tower = _build_vision_tower(config["embed_dim"], config["vision_cfg"])
+    return tower.eval()
+
+
+def create_clip(name: str) -> CustomTextCLIP:
+    """Image tower plus (pretrained, HF) text tower of config `name`."""
+    config = copy.deepcopy(model_config(name))
+    return CustomTextCLIP(config["embed_dim"], config["vision_cfg"], config["text_cfg"])
+
+
+def normalize_images(images_uint8: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float, CLIP normalisation (the evaluation preprocessing)."""
+    x = images_uint8.permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - IMAGE_MEAN) / IMAGE_STD
+
+
+@torch.no_grad()
+def encode_images(tower: nn.Module, images_uint8: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """L2-normalised image embeddings for a uint8 image batch."""
+    tower.eval()
+    out = []
+    for start in range(0, len(images_uint8), batch_size):
+        x = normalize_images(images_uint8[start : start + batch_size])
+        out.append(nn.functional.normalize(tower(x), dim=-1))
+    return torch.cat(out)
+
+
+class FrozenTextEncoder:
+    """Mean-pooled MiniLM features of strings (the frozen body of the text tower), cached.
+
+    The trainable part of the text tower, its linear projection, is applied by the caller.
+    """
+
+    def __init__(self, clip: CustomTextCLIP, config_name: str):
+        from open_clip.tokenizer import HFTokenizer
+
+        text_cfg = model_config(config_name)["text_cfg"]
+        self.text = clip.text
+        self.tokenizer = HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=text_cfg.get("context_length", 32))
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def pooled(self, strings: list[str]) -> torch.Tensor:
+        missing = [s for s in dict.fromkeys(strings) if s not in self._cache]
+        if missing:
+            tokens = self.tokenizer(missing)
+            mask = (tokens != self.text.config.pad_token_id).long()
+            self.text.transformer.eval()
+            hidden = self.text.transformer(input_ids=tokens, attention_mask=mask)
+            pooled = self.text.pooler(hidden, mask)
+            for s, row in zip(missing, pooled):
+                self._cache[s] = row
+        return torch.stack([self._cache[s] for s in strings])
+
+
+def zero_shot_head(
+    text_proj: nn.Module, encoder: FrozenTextEncoder, class_names: list[str], templates: list[str]
+) -> torch.Tensor:
+    """(num_classes, embed_dim) unit-norm class embeddings: prompts averaged per class (CLIP zero-shot)."""
+    rows = []
+    with torch.no_grad():
+        for name in class_names:
+            prompts = [t.format(name) for t in templates]
+            emb = nn.functional.normalize(text_proj(encoder.pooled(prompts)), dim=-1)
+            rows.append(nn.functional.normalize(emb.mean(0), dim=-1))
+    return torch.stack(rows)

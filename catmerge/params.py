@@ -1,0 +1,101 @@
+"""Typed, validated view of `params.yaml`. Errors name the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .benchmark.tasks import TASKS
+from .merging import METHODS
+from .configs import known_configs
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetParams(Strict):
+    # Caps on split sizes (first N of a seeded shuffle); null keeps the whole split.
+    max_train: int | None = Field(default=None, ge=1)
+    max_val: int | None = Field(default=None, ge=1)
+    max_test: int | None = Field(default=None, ge=1)
+
+
+class TrainingParams(Strict):
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    warmup_steps: int = Field(ge=0)
+
+
+class MergeParams(Strict):
+    methods: list[str] = Field(min_length=1)
+    alpha: float = Field(gt=0, description="task-vector scaling of task_arithmetic")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown merge method(s) {unknown}; known: {', '.join(METHODS)}")
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"duplicate merge methods in {methods}")
+        return methods
+
+
+class EvaluateParams(Strict):
+    batch_size: int = Field(default=512, ge=1)
+
+
+class Params(Strict):
+    tasks: list[str] = Field(min_length=1)
+    source: Literal["builtin"] = "builtin"
+    model: str
+    seed: int = Field(ge=0, description="seed of pretraining and expert fine-tuning")
+    data_seed: int = Field(ge=0, description="seed of the train/val/test split of the source images")
+    datasets: DatasetParams = DatasetParams()
+    pretrain: TrainingParams
+    finetune: TrainingParams
+    merge: MergeParams
+    evaluate: EvaluateParams = EvaluateParams()
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; known builtin tasks: {', '.join(TASKS)}")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"duplicate task names in {tasks}")
+        return tasks
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, model: str) -> str:
+        if model not in known_configs():
+            raise ValueError(f"unknown model config {model!r}; known: {', '.join(known_configs())}")
+        return model
+
+
+class ParamsError(ValueError):
+    pass
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"missing params file: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"invalid params in {path}:"]
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "<root>"
+            value = err.get("input")
+            lines.append(f"  {key} = {value!r}: {err['msg']}")
+        raise ParamsError("\n".join(lines)) from None

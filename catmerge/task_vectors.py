@@ -1,0 +1,50 @@
+"""Task vectors: T_k = theta_k - theta_0 over the floating-point parameters."""
+
+from __future__ import annotations
+
+import torch
+
+from .io import StateDict
+
+
+def check_compatible(pretrained: StateDict, expert: StateDict, expert_name: str = "expert") -> None:
+    missing = sorted(set(pretrained) - set(expert))
+    extra = sorted(set(expert) - set(pretrained))
+    if missing or extra:
+        raise ValueError(f"{expert_name}: keys differ from the pretrained model (missing {missing[:5]}, extra {extra[:5]})")
+    for key, value in pretrained.items():
+        if expert[key].shape != value.shape or expert[key].dtype != value.dtype:
+            raise ValueError(
+                f"{expert_name}: {key} is {tuple(expert[key].shape)} {expert[key].dtype}, "
+                f"pretrained is {tuple(value.shape)} {value.dtype}"
+            )
+
+
+def task_vector(pretrained: StateDict, expert: StateDict, expert_name: str = "expert") -> StateDict:
+    check_compatible(pretrained, expert, expert_name)
+    return {k: expert[k] - v for k, v in pretrained.items() if v.is_floating_point()}
+
+
+def apply_task_vector(pretrained: StateDict, delta: StateDict, scale: float = 1.0) -> StateDict:
+    """theta_0 + scale * delta; parameters without a delta are copied from theta_0."""
+    out = {}
+    for key, value in pretrained.items():
+        if key in delta:
+            out[key] = value + delta[key] if scale == 1.0 else value + scale * delta[key]
+        else:
+            out[key] = value.clone()
+    return out
+
+
+def sum_task_vectors(task_vectors: list[StateDict]) -> StateDict:
+    total = {k: v.clone() for k, v in task_vectors[0].items()}
+    for tv in task_vectors[1:]:
+        for k in total:
+            total[k] += tv[k]
+    return total
+
+
+def assert_no_nonfinite(tensors: StateDict, name: str) -> None:
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{name}: {key} contains NaN or Inf")

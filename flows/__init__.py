@@ -1,0 +1,1 @@
+"""Prefect orchestration over the DVC stages (the pipeline flow arrives with the Prefect issue)."""

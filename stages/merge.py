@@ -1,0 +1,21 @@
+"""Stage `merge`: one merged image tower per method in `merge.methods`."""
+
+from catmerge.cli import run_stage
+from catmerge.io import load_weights, save_weights
+from catmerge.layout import PRETRAINED_TOWER, merged_path, task_vector_path
+from catmerge.merging import METHODS
+from catmerge.params import load_params
+
+
+def main() -> None:
+    params = load_params()
+    pretrained = load_weights(PRETRAINED_TOWER)
+    task_vectors = [load_weights(task_vector_path(task)) for task in params.tasks]
+    for method in params.merge.methods:
+        merged = METHODS[method](pretrained, task_vectors, params.merge)
+        save_weights(merged, merged_path(method), {"method": method, "tasks": ",".join(params.tasks)})
+        print(f"merged {len(task_vectors)} task vectors with {method}")
+
+
+if __name__ == "__main__":
+    run_stage("merge", main)

@@ -1,0 +1,78 @@
+"""Shared fixtures. Tests never touch the network: the offline settings are forced here."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "MPLBACKEND": "Agg",
+}
+os.environ.update(OFFLINE_ENV)
+
+# The micro benchmark: a 2-layer, width-16 tower, three tasks (two sharing the MNIST digits),
+# a few hundred images, a few dozen training steps. Builds in well under a minute.
+MICRO_PARAMS = {
+    "tasks": ["mnist", "mnist_rotation", "textures"],
+    "source": "builtin",
+    "model": "micro-vit-minilm",
+    "seed": 0,
+    "data_seed": 0,
+    "datasets": {"max_train": 200, "max_val": 40, "max_test": 100},
+    "pretrain": {"steps": 30, "batch_size": 64, "lr": 3.0e-3, "weight_decay": 0.0, "warmup_steps": 3},
+    "finetune": {"steps": 15, "batch_size": 32, "lr": 3.0e-3, "weight_decay": 0.0, "warmup_steps": 2},
+    "merge": {"methods": ["weight_averaging", "task_arithmetic"], "alpha": 0.3},
+    "evaluate": {"batch_size": 256},
+}
+
+
+def write_params(path: Path, params: dict) -> None:
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HOME=str(cwd / ".hf"), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def make_project(dest: Path, params: dict) -> Path:
+    """A fresh git + DVC project holding this repo's pipeline code and the given params."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("catmerge", "stages", "flows"):
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, dest / name)
+    write_params(dest / "params.yaml", params)
+    run(["git", "init", "-q"], dest)
+    run(["git", "config", "user.email", "ci@example.invalid"], dest)
+    run(["git", "config", "user.name", "ci"], dest)
+    run([sys.executable, "-m", "dvc", "init", "-q"], dest)
+    run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-qm", "init"], dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def micro_project(tmp_path_factory) -> Path:
+    """The micro benchmark built once by `dvc repro` (tests that only read it share it)."""
+    project = make_project(tmp_path_factory.mktemp("micro") / "project", MICRO_PARAMS)
+    proc = run([sys.executable, "-m", "dvc", "repro"], project)
+    (project / "first_repro.log").write_text(proc.stdout + proc.stderr)
+    return project

@@ -1,0 +1,77 @@
+"""Task splits: HF parquet with Image and ClassLabel features, and the packaged sources."""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import pytest
+
+from catmerge.benchmark import sources
+from catmerge.benchmark.tasks import TASKS, get_task
+from catmerge.data import read_split, write_split
+from catmerge.io import ArtifactError
+
+
+def test_split_round_trip_keeps_pixels_labels_and_features(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(7, 32, 32, 3), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 0, 1, 2, 0])
+    path = tmp_path / "train.parquet"
+    write_split(images, labels, ["a", "b", "c"], path)
+
+    ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(tmp_path / "cache"))
+    assert isinstance(ds.features["image"], datasets.Image)
+    assert ds.features["label"].names == ["a", "b", "c"]
+
+    split = read_split(path)
+    assert split.class_names == ["a", "b", "c"]
+    assert np.array_equal(split.images.numpy(), images)
+    assert split.labels.tolist() == labels.tolist()
+
+
+def test_labels_out_of_range_are_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "bad.parquet"
+    write_split(np.zeros((2, 32, 32, 3), np.uint8), np.array([0, 1]), ["a", "b"], path)
+    table = pq.read_table(path)
+    table = table.set_column(1, "label", pa.array([0, 5], type=pa.int64()))
+    pq.write_table(table.replace_schema_metadata(pq.read_table(path).schema.metadata), path)
+    with pytest.raises(ArtifactError, match=r"bad.parquet: labels outside 0..1"):
+        read_split(path)
+
+
+def test_every_task_is_deterministic_disjoint_and_large_enough():
+    for name, spec in TASKS.items():
+        a, b = spec.build(0), spec.build(0)
+        assert set(a) == {"train", "val", "test"}
+        for split in a:
+            assert np.array_equal(a[split].images, b[split].images), name
+            assert a[split].images.shape[1:] == (32, 32, 3) and a[split].images.dtype == np.uint8
+            assert a[split].labels.max() < len(spec.class_names)
+        assert len(a["test"].labels) >= 100, f"{name}: one test image must be well under 1 point"
+        assert len(np.unique(a["test"].labels)) == len(spec.class_names)
+
+
+def test_mnist_tasks_share_images_with_conflicting_labels():
+    digits = get_task("mnist").build(0)["test"]
+    parity = get_task("mnist_parity").build(0)["test"]
+    assert np.array_equal(digits.images, parity.images)
+    assert not np.array_equal(digits.labels, parity.labels)
+    rotation = get_task("mnist_rotation").build(0)["test"]
+    upright = rotation.labels == 0
+    assert np.array_equal(rotation.images[upright], digits.images[upright])
+
+
+def test_no_test_image_appears_in_train():
+    for name in ("mnist", "digits", "faces"):
+        pools = get_task(name).build(0)
+        train = {im.tobytes() for im in pools["train"].images}
+        assert not any(im.tobytes() in train for im in pools["test"].images), name
+
+
+def test_unknown_task_lists_known_ones():
+    with pytest.raises(ValueError, match="known builtin tasks: mnist, mnist_rotation"):
+        get_task("svhn")
+    assert sources.SPLIT_FRACTIONS[0] > sources.SPLIT_FRACTIONS[2]

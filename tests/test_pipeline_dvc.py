@@ -1,0 +1,60 @@
+"""End to end: the DVC pipeline on the micro benchmark in a temporary git repo."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import yaml
+
+from conftest import MICRO_PARAMS, run, write_params
+
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def test_repro_builds_everything_then_only_what_changed(micro_project):
+    first = (micro_project / "first_repro.log").read_text()
+    tasks = MICRO_PARAMS["tasks"]
+    expected = {"pretrained", "merge", "evaluate"} | {
+        f"{stage}@{t}" for stage in ("datasets", "experts", "task_vectors", "evaluate_experts") for t in tasks
+    }
+    assert ran_stages(first) == expected
+
+    metrics = json.loads((micro_project / "metrics/metrics.json").read_text())
+    assert set(metrics["accuracy"]) == set(tasks)
+    for task in tasks:
+        row = metrics["accuracy"][task]
+        assert set(row) == {"pretrained", "expert", "weight_averaging", "task_arithmetic"}
+        assert all(0.0 <= v <= 100.0 for v in row.values())
+    assert (micro_project / "metrics/accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for task in tasks:
+        manifest = json.loads((micro_project / f"data/experts/{task}/manifest.json").read_text())
+        assert manifest["class_names"] and all(len(f["sha256"]) == 64 for f in manifest["files"])
+
+    # A second repro is a no-op.
+    second = run(DVC + ["repro"], micro_project)
+    assert ran_stages(second.stdout) == set()
+
+    # Changing alpha reruns only merge and evaluate.
+    before = (micro_project / "data/merged/weight_averaging.safetensors").read_bytes()
+    params = yaml.safe_load((micro_project / "params.yaml").read_text())
+    params["merge"]["alpha"] = 0.5
+    write_params(micro_project / "params.yaml", params)
+    third = run(DVC + ["repro"], micro_project)
+    assert ran_stages(third.stdout) == {"merge", "evaluate"}
+    # weight averaging does not depend on alpha: same bytes
+    assert (micro_project / "data/merged/weight_averaging.safetensors").read_bytes() == before
+
+    # Adding a task builds only that task's stages, then merge and evaluate.
+    params["tasks"] = params["tasks"] + ["mnist_parity"]
+    write_params(micro_project / "params.yaml", params)
+    fourth = run(DVC + ["repro"], micro_project)
+    new = {f"{stage}@mnist_parity" for stage in ("datasets", "experts", "task_vectors", "evaluate_experts")}
+    assert ran_stages(fourth.stdout) == new | {"merge", "evaluate"}
+    metrics = json.loads((micro_project / "metrics/metrics.json").read_text())
+    assert set(metrics["accuracy"]) == set(tasks) | {"mnist_parity"}
