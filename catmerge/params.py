@@ -32,6 +32,11 @@ class TrainingParams(Strict):
     warmup_steps: int = Field(ge=0)
 
 
+class PretrainParams(TrainingParams):
+    # What pretraining captions name: the image source only, or also the digit of MNIST images.
+    captions: Literal["source", "source_and_digit"] = "source"
+
+
 class MergeParams(Strict):
     methods: list[str] = Field(min_length=1)
     alpha: float = Field(gt=0, description="task-vector scaling of task_arithmetic")
@@ -58,7 +63,7 @@ class Params(Strict):
     seed: int = Field(ge=0, description="seed of pretraining and expert fine-tuning")
     data_seed: int = Field(ge=0, description="seed of the train/val/test split of the source images")
     datasets: DatasetParams = DatasetParams()
-    pretrain: TrainingParams
+    pretrain: PretrainParams
     finetune: TrainingParams
     merge: MergeParams
     evaluate: EvaluateParams = EvaluateParams()

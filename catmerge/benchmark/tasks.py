@@ -117,9 +117,10 @@ def get_task(name: str) -> TaskSpec:
     return TASKS[name]
 
 
-# Pretraining captions are generic: they name the image source, and the digit for MNIST,
-# never the labels of the rotation / colour / parity / texture / photo / face tasks.
-def pretraining_mixture(seed: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+# Pretraining captions are generic: they name the image source (and, with
+# captions="source_and_digit", the digit of MNIST images), never the labels of the rotation /
+# colour / parity / texture / photo / face tasks.
+def pretraining_mixture(seed: int, rng: np.random.Generator, captions_kind: str = "source") -> tuple[np.ndarray, list[str]]:
     """Training-split images of every source with a generic caption each."""
     images: list[np.ndarray] = []
     captions: list[str] = []
@@ -132,7 +133,7 @@ def pretraining_mixture(seed: int, rng: np.random.Generator) -> tuple[np.ndarray
         elif u < 0.5:
             im = tint(im, palette[int(rng.integers(len(palette)))])
         images.append(im)
-        captions.append(f"a handwritten digit {DIGIT_WORDS[y]}.")
+        captions.append(f"a handwritten digit {DIGIT_WORDS[y]}." if captions_kind == "source_and_digit" else "a handwritten digit.")
     generic = [
         (sources.sklearn_digits(seed)["train"], "a tiny blurry scan of a digit."),
         (sources.textures(seed)["train"], "a grayscale photo."),

@@ -79,7 +79,7 @@ def pretrain(
     opt, sched = _optimizer(params, budget)
     visual.train()
     losses = []
-    for idx in tqdm(_batches(len(images_t), budget, generator), total=budget.steps, desc=desc, leave=False):
+    for idx in tqdm(_batches(len(images_t), budget, generator), total=budget.steps, desc=desc, leave=False, disable=None):
         img = nn.functional.normalize(visual(normalize_images(images_t[idx])), dim=-1)
         txt = nn.functional.normalize(text_proj(caption_features), dim=-1)
         logits = logit_scale.exp().clamp(max=100) * img @ txt.T
@@ -107,7 +107,7 @@ def finetune(
     opt, sched = _optimizer(visual.parameters(), budget)
     visual.train()
     losses = []
-    for idx in tqdm(_batches(len(images), budget, generator), total=budget.steps, desc=desc, leave=False):
+    for idx in tqdm(_batches(len(images), budget, generator), total=budget.steps, desc=desc, leave=False, disable=None):
         emb = nn.functional.normalize(visual(normalize_images(images[idx])), dim=-1)
         loss = nn.functional.cross_entropy(logit_scale * emb @ head.T, labels[idx])
         opt.zero_grad(set_to_none=True)

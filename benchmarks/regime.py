@@ -1,0 +1,92 @@
+"""Is the offline benchmark a faithful miniature of the paper's regime? Measure it.
+
+Reads a built pipeline (the `data/` of a project after `dvc repro`), then for each run directory:
+pretrained zero-shot and expert accuracy per task, weight averaging, and Task Arithmetic with
+alpha chosen on the validation splits (never on test). Writes JSON and checks the criteria of
+issue 2 (paper ViT-B/32: zero-shot 48.0, experts 90.5, weight averaging 65.8, TA 69.1):
+- zero-shot average well under 60 %;
+- every expert at least 15 points above zero-shot on its own task;
+- TA at its validation-chosen alpha at least 10 points below the experts' average;
+- weight averaging not above TA.
+
+    python benchmarks/regime.py --run seed0=. --out benchmarks/results/regime.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from catmerge.data import read_split
+from catmerge.evaluation import accuracy
+from catmerge.io import load_weights
+from catmerge.merging import METHODS
+from catmerge.params import MergeParams, load_params
+from catmerge.models import create_image_tower
+
+ALPHAS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0]
+
+
+def measure(project: Path) -> dict:
+    params = load_params(project / "params.yaml")
+    data = project / "data"
+    tasks = params.tasks
+    tower = create_image_tower(params.model)
+    theta0 = load_weights(data / "pretrained/image_tower.safetensors")
+    tvs = [load_weights(data / f"task_vectors/{t}.safetensors") for t in tasks]
+    heads = {t: load_weights(data / f"experts/{t}/head.safetensors")["weight"] for t in tasks}
+    splits = {(t, s): read_split(data / f"datasets/{t}/{s}.parquet") for t in tasks for s in ("val", "test")}
+
+    def score(weights, split, only=None):
+        tower.load_state_dict(weights)
+        return {t: accuracy(tower, heads[t], splits[t, split].images, splits[t, split].labels) for t in (only or tasks)}
+
+    out = {"pretrained": score(theta0, "test"), "expert": {}}
+    for t in tasks:
+        out["expert"].update(score(load_weights(data / f"experts/{t}/expert.safetensors"), "test", [t]))
+    out["weight_averaging"] = score(METHODS["weight_averaging"](theta0, tvs), "test")
+    val_curve = {}
+    for alpha in ALPHAS:
+        merged = METHODS["task_arithmetic"](theta0, tvs, MergeParams(methods=["task_arithmetic"], alpha=alpha))
+        val_curve[alpha] = statistics.mean(score(merged, "val").values())
+    best = max(ALPHAS, key=lambda a: (val_curve[a], -a))
+    merged = METHODS["task_arithmetic"](theta0, tvs, MergeParams(methods=["task_arithmetic"], alpha=best))
+    out["task_arithmetic"] = score(merged, "test")
+    out["task_arithmetic_val_curve"] = val_curve
+    out["task_arithmetic_alpha"] = best
+    return out
+
+
+def criteria(run: dict) -> dict:
+    avg = {k: statistics.mean(run[k].values()) for k in ("pretrained", "expert", "weight_averaging", "task_arithmetic")}
+    gains = {t: run["expert"][t] - run["pretrained"][t] for t in run["expert"]}
+    return {
+        "average": avg,
+        "min_expert_gain": min(gains.values()),
+        "zero_shot_under_60": avg["pretrained"] < 60,
+        "every_expert_gains_15": min(gains.values()) >= 15,
+        "ta_10_below_experts": avg["expert"] - avg["task_arithmetic"] >= 10,
+        "wa_not_above_ta": avg["weight_averaging"] <= avg["task_arithmetic"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="append", required=True, help="NAME=PROJECT_DIR of a built pipeline")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    results = {}
+    for item in args.run:
+        name, _, path = item.partition("=")
+        run = measure(Path(path))
+        run["criteria"] = criteria(run)
+        results[name] = run
+        print(name, json.dumps(run["criteria"], indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""The README's two commands are real: CI runs the README's test command, the Makefile defines both."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import ROOT
+
+
+def code_lines(markdown: str) -> list[str]:
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", markdown, flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def make_target(makefile: str, target: str) -> str:
+    match = re.search(rf"^{target}:.*?\n((?:\t.*\n?)*)", makefile, flags=re.M)
+    assert match, f"Makefile has no target {target}"
+    return match.group(1)
+
+
+def test_readme_shows_exactly_the_two_commands_and_ci_runs_the_test_one():
+    readme = (ROOT / "README.md").read_text()
+    lines = code_lines(readme)
+    assert "make demo" in lines and "make test" in lines
+    ci = [line.strip() for line in (ROOT / ".ci/run").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert "make test" in ci
+    assert all(line.startswith(("set ", "cd ", "make test")) for line in ci), ci
+
+
+def test_make_targets_install_from_the_lock_and_run_the_pipeline_and_pytest():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-r requirements.lock" in makefile
+    assert "dvc repro" in make_target(makefile, "demo")
+    assert "pytest" in make_target(makefile, "test")
+    assert "HF_HUB_OFFLINE := 1" in makefile and "DVC_NO_ANALYTICS := 1" in makefile
+    lock = (ROOT / "requirements.lock").read_text()
+    assert "torch==2.14.1" in lock and "torchvision==0.29.1" in lock
+
+
+def test_dvc_analytics_are_off_in_the_committed_config():
+    assert re.search(r"analytics\s*=\s*false", (ROOT / ".dvc/config").read_text())
