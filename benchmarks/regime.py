@@ -9,7 +9,7 @@ issue 2 (paper ViT-B/32: zero-shot 48.0, experts 90.5, weight averaging 65.8, TA
 - TA at its validation-chosen alpha at least 10 points below the experts' average;
 - weight averaging not above TA.
 
-    python benchmarks/regime.py --run seed0=. --out benchmarks/results/regime.json
+    python benchmarks/regime.py --run seed0=. --run seed1=../seed1 --out benchmarks/results/regime.json
 """
 
 from __future__ import annotations
@@ -72,6 +72,28 @@ def criteria(run: dict) -> dict:
     }
 
 
+ROWS = ("pretrained", "expert", "weight_averaging", "task_arithmetic")
+
+
+def markdown_summary(results: dict) -> str:
+    """Per-task mean and sample standard deviation over runs, one row per model."""
+    runs = list(results.values())
+    tasks = list(runs[0]["expert"])
+
+    def cell(values: list[float]) -> str:
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.1f} ± {spread:.1f}"
+
+    lines = ["| model | " + " | ".join(tasks) + " | avg |", "|---" * (len(tasks) + 2) + "|"]
+    for row in ROWS:
+        cells = [cell([r[row][t] for r in runs]) for t in tasks]
+        cells.append(cell([statistics.mean(r[row].values()) for r in runs]))
+        label = row if row != "task_arithmetic" else "task_arithmetic (alpha on val)"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    alphas = ", ".join(f"{name}: {r['task_arithmetic_alpha']}" for name, r in results.items())
+    return "\n".join(lines) + f"\n\nTask Arithmetic alpha chosen on validation: {alphas}\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", required=True, help="NAME=PROJECT_DIR of a built pipeline")
@@ -86,6 +108,7 @@ def main() -> None:
         print(name, json.dumps(run["criteria"], indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown_summary(results))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ class PretrainParams(TrainingParams):
     captions: Literal["source", "source_and_digit"] = "source"
 
 
+class TaskVectorParams(Strict):
+    # float64 makes theta_0 + T_k == theta_k exact; float32 halves the disk space.
+    dtype: Literal["float64", "float32"] = "float64"
+
+
 class MergeParams(Strict):
     methods: list[str] = Field(min_length=1)
     alpha: float = Field(gt=0, description="task-vector scaling of task_arithmetic")
@@ -65,6 +70,7 @@ class Params(Strict):
     datasets: DatasetParams = DatasetParams()
     pretrain: PretrainParams
     finetune: TrainingParams
+    task_vectors: TaskVectorParams = TaskVectorParams()
     merge: MergeParams
     evaluate: EvaluateParams = EvaluateParams()
 

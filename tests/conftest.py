@@ -34,6 +34,7 @@ MICRO_PARAMS = {
     "datasets": {"max_train": 200, "max_val": 40, "max_test": 100},
     "pretrain": {"steps": 30, "batch_size": 64, "lr": 3.0e-3, "weight_decay": 0.0, "warmup_steps": 3},
     "finetune": {"steps": 15, "batch_size": 32, "lr": 3.0e-3, "weight_decay": 0.0, "warmup_steps": 2},
+    "task_vectors": {"dtype": "float64"},
     "merge": {"methods": ["weight_averaging", "task_arithmetic"], "alpha": 0.3},
     "evaluate": {"batch_size": 256},
 }

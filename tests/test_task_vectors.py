@@ -44,6 +44,22 @@ def test_weight_averaging_is_the_mean_of_the_experts(seed, k):
         torch.testing.assert_close(merged[n], torch.stack([e[n] for e in experts]).mean(0), rtol=1e-5, atol=1e-6)
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.sampled_from([1e-6, 1e-3, 1.0, 30.0]),
+    move=st.sampled_from([1e-4, 1e-1, 1.0, 10.0]),
+)
+def test_float64_task_vectors_give_back_the_expert_bit_for_bit(seed, scale, move):
+    theta0 = random_state(seed, scale)
+    expert = {k: (v + move * scale * torch.randn(v.shape, generator=torch.Generator().manual_seed(seed + 1))) for k, v in theta0.items()}
+    expert["b"][0] = 0.0  # exact zeros and sign changes included
+    restored = apply_task_vector(theta0, task_vector(theta0, expert))
+    for key in theta0:
+        assert restored[key].dtype == torch.float32
+        assert torch.equal(restored[key], expert[key]), key
+
+
 def test_pretrained_plus_task_vector_gives_back_the_expert(micro_project):
     """On the real micro experts, theta_0 + T_k reproduces theta_k bit for bit."""
     theta0 = load_weights(micro_project / "data/pretrained/image_tower.safetensors")
