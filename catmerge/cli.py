@@ -1,8 +1,7 @@
-"""Shared entry-point behaviour of the stages: quiet libraries, clean one-line errors."""
+"""Shared entry-point behaviour of the stages: timing lines and clean one-line errors."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Callable
@@ -14,14 +13,6 @@ USER_ERRORS = (ParamsError, ArtifactError, ValueError, FileNotFoundError)
 
 
 def run_stage(name: str, main: Callable[..., None]) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
     print(f"[{name}] start", flush=True)
     try:
