@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
 # Both create .venv from requirements.lock when it is missing, and run fully offline.
 
+PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -22,7 +23,7 @@ export MPLBACKEND := Agg
 setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
@@ -38,5 +39,6 @@ test: setup
 lint: setup
 	$(PY) -m ruff check catmerge stages flows tests
 
+# Removes the artifacts; `dvc repro` then restores them from the DVC cache (.dvc/cache) where it can.
 clean:
-	rm -rf data metrics .cache
+	rm -rf data .cache

@@ -23,8 +23,8 @@ from catmerge.data import read_split
 from catmerge.evaluation import accuracy
 from catmerge.io import load_weights
 from catmerge.merging import METHODS
-from catmerge.params import MergeParams, load_params
 from catmerge.models import create_image_tower
+from catmerge.params import MergeParams, load_params
 
 ALPHAS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0]
 

@@ -16,7 +16,7 @@ _PUBLIC = {
     "apply_task_vector": "task_vectors",
     "METHODS": "merging",
 }
-__all__ = sorted(_PUBLIC)
+__all__ = ["METHODS", "apply_task_vector", "create_clip", "create_image_tower", "load_weights", "save_weights", "task_vector"]
 
 
 def __getattr__(name: str):

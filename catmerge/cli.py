@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .io import ArtifactError
-from .params import ParamsError
+from .params import Params, ParamsError
 
-USER_ERRORS = (ParamsError, ArtifactError, ValueError, FileNotFoundError)
+# Bad params or bad input files: the message says everything, a traceback would only hide it.
+USER_ERRORS = (ParamsError, ArtifactError)
+
+
+def check_task_argument(params: Params, task: str) -> str:
+    """Per-task stages run only for tasks listed in params.yaml (as dvc.yaml's foreach does)."""
+    if task not in params.tasks:
+        raise ParamsError(f"task {task!r} is not in `tasks` of params.yaml: {', '.join(params.tasks)}")
+    return task
 
 
 def run_stage(name: str, main: Callable[..., None]) -> None:
     start = time.perf_counter()
     print(f"[{name}] start", flush=True)
+    args = sys.argv[1:]
     try:
-        main(*sys.argv[1:])
+        inspect.signature(main).bind(*args)
+    except TypeError:
+        usage = " ".join(f"<{p}>" for p in inspect.signature(main).parameters)
+        print(f"usage: python -m stages.{name} {usage}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        main(*args)
     except USER_ERRORS as exc:
         print(f"[{name}] error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .io import atomic_path
+from .io import ArtifactError, atomic_path, load_weights
 from .models import encode_images
 
 REFERENCE_ROWS = ("pretrained", "expert")
@@ -18,6 +18,14 @@ def accuracy(tower: nn.Module, head: torch.Tensor, images: torch.Tensor, labels:
     """Percentage of images whose most similar class embedding is the true class."""
     predictions = (encode_images(tower, images, batch_size) @ head.T).argmax(dim=1)
     return 100.0 * (predictions == labels).double().mean().item()
+
+
+def load_head(path) -> torch.Tensor:
+    """The (num_classes, embed_dim) zero-shot head stored by the experts stage."""
+    head = load_weights(path).get("weight")
+    if head is None or head.ndim != 2:
+        raise ArtifactError(f"{path}: expected a 2-D tensor 'weight' (num_classes x embed_dim)")
+    return head
 
 
 def summarize(per_task: dict[str, dict[str, float]], methods: list[str]) -> dict:

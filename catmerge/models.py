@@ -10,6 +10,7 @@ from open_clip.model import CustomTextCLIP, _build_vision_tower
 from torch import nn
 
 from .configs import model_config
+from .io import ArtifactError, load_weights
 
 IMAGE_MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
 IMAGE_STD = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
@@ -22,8 +23,20 @@ def create_image_tower(name: str) -> nn.Module:
     return tower.eval()
 
 
+def load_into(model: nn.Module, path) -> nn.Module:
+    """Load a safetensors state dict into `model`, naming the file if it does not fit."""
+    try:
+        model.load_state_dict(load_weights(path))
+    except RuntimeError as exc:
+        raise ArtifactError(f"{path} does not fit the model architecture: {exc}") from None
+    return model
+
+
 def create_clip(name: str) -> CustomTextCLIP:
     """Image tower plus (pretrained, HF) text tower of config `name`."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the weight-loading bar says nothing about our stages
     config = copy.deepcopy(model_config(name))
     return CustomTextCLIP(config["embed_dim"], config["vision_cfg"], config["text_cfg"])
 

@@ -9,8 +9,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .benchmark.tasks import TASKS
-from .merging import METHODS
 from .configs import known_configs
+from .merging import METHODS
 
 
 class Strict(BaseModel):

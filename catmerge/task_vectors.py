@@ -10,20 +10,35 @@ from __future__ import annotations
 
 import torch
 
-from .io import StateDict
+from .io import ArtifactError, StateDict
 
 
 def check_compatible(pretrained: StateDict, expert: StateDict, expert_name: str = "expert") -> None:
-    missing = sorted(set(pretrained) - set(expert))
-    extra = sorted(set(expert) - set(pretrained))
-    if missing or extra:
-        raise ValueError(f"{expert_name}: keys differ from the pretrained model (missing {missing[:5]}, extra {extra[:5]})")
+    """The expert has exactly theta_0's keys, shapes and dtypes."""
+    _check_keys(set(pretrained), expert, expert_name)
     for key, value in pretrained.items():
         if expert[key].shape != value.shape or expert[key].dtype != value.dtype:
-            raise ValueError(
+            raise ArtifactError(
                 f"{expert_name}: {key} is {tuple(expert[key].shape)} {expert[key].dtype}, "
                 f"pretrained is {tuple(value.shape)} {value.dtype}"
             )
+
+
+def check_task_vector(pretrained: StateDict, delta: StateDict, name: str = "task vector") -> None:
+    """The task vector covers exactly theta_0's floating-point parameters, shape for shape."""
+    _check_keys({k for k, v in pretrained.items() if v.is_floating_point()}, delta, name)
+    for key, value in delta.items():
+        if value.shape != pretrained[key].shape or not value.is_floating_point():
+            raise ArtifactError(
+                f"{name}: {key} is {tuple(value.shape)} {value.dtype}, pretrained is {tuple(pretrained[key].shape)}"
+            )
+
+
+def _check_keys(expected: set[str], tensors: StateDict, name: str) -> None:
+    missing = sorted(expected - set(tensors))
+    extra = sorted(set(tensors) - expected)
+    if missing or extra:
+        raise ArtifactError(f"{name}: keys differ from the pretrained model (missing {missing[:5]}, extra {extra[:5]})")
 
 
 def task_vector(
@@ -57,4 +72,4 @@ def sum_task_vectors(task_vectors: list[StateDict]) -> StateDict:
 def assert_no_nonfinite(tensors: StateDict, name: str) -> None:
     for key, value in tensors.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ValueError(f"{name}: {key} contains NaN or Inf")
+            raise ArtifactError(f"{name}: {key} contains NaN or Inf")

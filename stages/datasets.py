@@ -3,7 +3,7 @@
 import numpy as np
 
 from catmerge.benchmark.tasks import get_task
-from catmerge.cli import run_stage
+from catmerge.cli import check_task_argument, run_stage
 from catmerge.data import SPLITS, write_split
 from catmerge.io import atomic_dir, write_json
 from catmerge.layout import dataset_dir
@@ -18,7 +18,7 @@ def _cap(n: int, limit: int | None, seed: list[int]) -> np.ndarray:
 
 def main(task: str) -> None:
     params = load_params()
-    spec = get_task(task)
+    spec = get_task(check_task_argument(params, task))
     pools = spec.build(params.data_seed)
     limits = {"train": params.datasets.max_train, "val": params.datasets.max_val, "test": params.datasets.max_test}
     counts = {}
@@ -27,7 +27,7 @@ def main(task: str) -> None:
             pool = pools[split]
             keep = _cap(len(pool.labels), limits[split], [params.data_seed, 99, i])
             write_split(pool.images[keep], pool.labels[keep], spec.class_names, out / f"{split}.parquet")
-            counts[split] = int(len(keep))
+            counts[split] = len(keep)
         write_json(
             {
                 "task": task,

@@ -3,10 +3,10 @@ and the experts; writes the metrics JSON, a results table and a bar chart."""
 
 from catmerge.cli import run_stage
 from catmerge.data import read_split
-from catmerge.evaluation import accuracy, bar_chart, results_table, summarize
-from catmerge.io import load_weights, read_json, write_json, write_text
+from catmerge.evaluation import accuracy, bar_chart, load_head, results_table, summarize
+from catmerge.io import read_json, write_json, write_text
 from catmerge.layout import METRICS_DIR, dataset_dir, expert_dir, merged_path, reference_scores_path
-from catmerge.models import create_image_tower
+from catmerge.models import create_image_tower, load_into
 from catmerge.params import load_params
 
 
@@ -19,9 +19,9 @@ def main() -> None:
         per_task[task] = {"pretrained": reference["pretrained"], "expert": reference["expert"]}
     tower = create_image_tower(params.model)
     tests = {task: read_split(dataset_dir(task) / "test.parquet") for task in params.tasks}
-    heads = {task: load_weights(expert_dir(task) / "head.safetensors")["weight"] for task in params.tasks}
+    heads = {task: load_head(expert_dir(task) / "head.safetensors") for task in params.tasks}
     for method in methods:
-        tower.load_state_dict(load_weights(merged_path(method)))
+        load_into(tower, merged_path(method))
         for task in params.tasks:
             per_task[task][method] = accuracy(tower, heads[task], tests[task].images, tests[task].labels, params.evaluate.batch_size)
     metrics = summarize(per_task, methods)

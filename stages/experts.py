@@ -8,22 +8,23 @@ against that frozen head.
 import torch
 
 from catmerge.benchmark.training import TrainingBudget, finetune, seed_everything, task_seed
-from catmerge.cli import run_stage
+from catmerge.cli import check_task_argument, run_stage
 from catmerge.data import read_split
 from catmerge.io import atomic_dir, file_record, load_weights, read_json, save_weights, write_json
 from catmerge.layout import PRETRAINED_TEXT, PRETRAINED_TOWER, dataset_dir, expert_dir
-from catmerge.models import FrozenTextEncoder, create_clip, zero_shot_head
+from catmerge.models import FrozenTextEncoder, create_clip, load_into, zero_shot_head
 from catmerge.params import load_params
 
 
 def main(task: str) -> None:
     params = load_params()
+    check_task_argument(params, task)
     info = read_json(dataset_dir(task) / "info.json")
     train = read_split(dataset_dir(task) / "train.parquet")
     generator = seed_everything(task_seed(params.seed, task))
 
     clip = create_clip(params.model)
-    clip.visual.load_state_dict(load_weights(PRETRAINED_TOWER))
+    load_into(clip.visual, PRETRAINED_TOWER)
     text = load_weights(PRETRAINED_TEXT)
     clip.text.proj.load_state_dict({"weight": text["proj.weight"]})
     logit_scale = float(text["logit_scale"])

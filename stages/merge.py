@@ -5,12 +5,17 @@ from catmerge.io import load_weights, save_weights
 from catmerge.layout import PRETRAINED_TOWER, merged_path, task_vector_path
 from catmerge.merging import METHODS
 from catmerge.params import load_params
+from catmerge.task_vectors import check_task_vector
 
 
 def main() -> None:
     params = load_params()
     pretrained = load_weights(PRETRAINED_TOWER)
-    task_vectors = [load_weights(task_vector_path(task)) for task in params.tasks]
+    task_vectors = []
+    for task in params.tasks:
+        delta = load_weights(task_vector_path(task))
+        check_task_vector(pretrained, delta, str(task_vector_path(task)))
+        task_vectors.append(delta)
     for method in params.merge.methods:
         merged = METHODS[method](pretrained, task_vectors, params.merge)
         save_weights(merged, merged_path(method), {"method": method, "tasks": ",".join(params.tasks)})

@@ -7,7 +7,7 @@ tower, on generic captions over the training splits of every packaged image sour
 import numpy as np
 import torch
 
-from catmerge.benchmark.tasks import pretraining_mixture
+from catmerge.benchmark.pretraining import pretraining_mixture
 from catmerge.benchmark.training import TrainingBudget, pretrain, seed_everything
 from catmerge.cli import run_stage
 from catmerge.io import atomic_dir, file_record, save_weights, write_json
@@ -44,7 +44,7 @@ def main() -> None:
                 "seed": params.seed,
                 "data_seed": params.data_seed,
                 "pretrain": params.pretrain.model_dump(),
-                "images": int(len(images)),
+                "images": len(images),
                 "captions": distinct,
                 "final_loss": float(np.mean(losses[-10:])),
                 "torch": torch.__version__,

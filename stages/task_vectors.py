@@ -2,7 +2,7 @@
 
 import torch
 
-from catmerge.cli import run_stage
+from catmerge.cli import check_task_argument, run_stage
 from catmerge.io import load_weights, save_weights
 from catmerge.layout import PRETRAINED_TOWER, expert_dir, task_vector_path
 from catmerge.params import load_params
@@ -11,6 +11,7 @@ from catmerge.task_vectors import assert_no_nonfinite, task_vector
 
 def main(task: str) -> None:
     params = load_params()
+    check_task_argument(params, task)
     pretrained = load_weights(PRETRAINED_TOWER)
     expert_path = expert_dir(task) / "expert.safetensors"
     expert = load_weights(expert_path)

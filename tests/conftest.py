@@ -33,7 +33,7 @@ MICRO_PARAMS = {
     "data_seed": 0,
     "datasets": {"max_train": 200, "max_val": 40, "max_test": 100},
     "pretrain": {"steps": 30, "batch_size": 64, "lr": 3.0e-3, "weight_decay": 0.0, "warmup_steps": 3},
-    "finetune": {"steps": 15, "batch_size": 32, "lr": 3.0e-3, "weight_decay": 0.0, "warmup_steps": 2},
+    "finetune": {"steps": 40, "batch_size": 64, "lr": 2.0e-3, "weight_decay": 0.0, "warmup_steps": 4},
     "task_vectors": {"dtype": "float64"},
     "merge": {"methods": ["weight_averaging", "task_arithmetic"], "alpha": 0.3},
     "evaluate": {"batch_size": 256},
@@ -46,7 +46,7 @@ def write_params(path: Path, params: dict) -> None:
 
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HOME=str(cwd / ".hf"), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

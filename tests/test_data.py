@@ -42,9 +42,16 @@ def test_labels_out_of_range_are_refused(tmp_path):
         read_split(path)
 
 
-def test_every_task_is_deterministic_disjoint_and_large_enough():
+def clear_source_caches():
+    for fn in (sources.mnist, sources.sklearn_digits, sources.lfw_faces, sources.textures, sources.photos):
+        fn.cache_clear()
+
+
+def test_every_task_is_deterministic_and_large_enough():
     for name, spec in TASKS.items():
-        a, b = spec.build(0), spec.build(0)
+        a = spec.build(0)
+        clear_source_caches()  # rebuild from the packages, not from the cache
+        b = spec.build(0)
         assert set(a) == {"train", "val", "test"}
         for split in a:
             assert np.array_equal(a[split].images, b[split].images), name
@@ -71,7 +78,19 @@ def test_no_test_image_appears_in_train():
         assert not any(im.tobytes() in train for im in pools["test"].images), name
 
 
+def test_picture_patches_come_from_disjoint_bands():
+    """Train / val / test patches never overlap: each comes from its own band of the picture."""
+    rows = np.repeat(np.arange(200, dtype=np.uint8)[:, None], 64, axis=1)  # pixel value = row index
+    pools = sources._patches_from_regions([rows], 32, {"train": 50, "val": 20, "test": 20}, np.random.default_rng(0))
+    ranges = {s: (int(p.images.min()), int(p.images.max())) for s, p in pools.items()}
+    assert ranges["train"][1] < ranges["val"][0] <= ranges["val"][1] < ranges["test"][0], ranges
+    assert ranges["test"][1] <= 199
+
+
+def test_seeds_change_the_split():
+    assert not np.array_equal(get_task("digits").build(0)["test"].labels, get_task("digits").build(1)["test"].labels)
+
+
 def test_unknown_task_lists_known_ones():
     with pytest.raises(ValueError, match="known builtin tasks: mnist, mnist_rotation"):
         get_task("svhn")
-    assert sources.SPLIT_FRACTIONS[0] > sources.SPLIT_FRACTIONS[2]

@@ -12,10 +12,9 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     target = tmp_path / "w.safetensors"
     save_weights({"a": torch.ones(3)}, target)
     before = target.read_bytes()
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("crash mid-write")
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
 
@@ -24,10 +23,9 @@ def test_failed_directory_write_keeps_the_old_directory(tmp_path):
     out = tmp_path / "experts"
     with atomic_dir(out) as tmp:
         (tmp / "a.txt").write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(out) as tmp:
-            (tmp / "a.txt").write_text("new")
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("new")
+        raise RuntimeError("crash")
     assert (out / "a.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["experts"]
     with atomic_dir(out) as tmp:

@@ -8,7 +8,11 @@ import sys
 
 import yaml
 
+from catmerge.benchmark.tasks import TASKS
+from catmerge.io import sha256_file
 from conftest import MICRO_PARAMS, run, write_params
+
+MICRO_CLASS_NAMES = {t: TASKS[t].class_names for t in MICRO_PARAMS["tasks"]}
 
 DVC = [sys.executable, "-m", "dvc"]
 
@@ -31,10 +35,17 @@ def test_repro_builds_everything_then_only_what_changed(micro_project):
         row = metrics["accuracy"][task]
         assert set(row) == {"pretrained", "expert", "weight_averaging", "task_arithmetic"}
         assert all(0.0 <= v <= 100.0 for v in row.values())
+    # Even the micro experts must learn their tasks: a wrong head or broken fine-tuning fails here.
+    average = metrics["average"]
+    assert average["expert"] > average["pretrained"] + 5, average
     assert (micro_project / "metrics/accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| task_arithmetic |" in (micro_project / "metrics/results.md").read_text()
     for task in tasks:
-        manifest = json.loads((micro_project / f"data/experts/{task}/manifest.json").read_text())
-        assert manifest["class_names"] and all(len(f["sha256"]) == 64 for f in manifest["files"])
+        expert_dir = micro_project / f"data/experts/{task}"
+        manifest = json.loads((expert_dir / "manifest.json").read_text())
+        assert manifest["class_names"] == MICRO_CLASS_NAMES[task]
+        for record in manifest["files"]:
+            assert record["sha256"] == sha256_file(expert_dir / record["path"])
 
     # A second repro is a no-op.
     second = run(DVC + ["repro"], micro_project)
@@ -42,13 +53,15 @@ def test_repro_builds_everything_then_only_what_changed(micro_project):
 
     # Changing alpha reruns only merge and evaluate.
     before = (micro_project / "data/merged/weight_averaging.safetensors").read_bytes()
+    ta_before = (micro_project / "data/merged/task_arithmetic.safetensors").read_bytes()
     params = yaml.safe_load((micro_project / "params.yaml").read_text())
     params["merge"]["alpha"] = 0.5
     write_params(micro_project / "params.yaml", params)
     third = run(DVC + ["repro"], micro_project)
     assert ran_stages(third.stdout) == {"merge", "evaluate"}
-    # weight averaging does not depend on alpha: same bytes
+    # weight averaging does not depend on alpha: same bytes; task arithmetic does
     assert (micro_project / "data/merged/weight_averaging.safetensors").read_bytes() == before
+    assert (micro_project / "data/merged/task_arithmetic.safetensors").read_bytes() != ta_before
 
     # Adding a task builds only that task's stages, then merge and evaluate.
     params["tasks"] = params["tasks"] + ["mnist_parity"]

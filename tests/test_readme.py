@@ -8,17 +8,17 @@ from conftest import ROOT
 
 
 def code_lines(markdown: str) -> list[str]:
-    blocks = re.findall(r"```[a-z]*\n(.*?)```", markdown, flags=re.S)
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", markdown, flags=re.DOTALL)
     return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
 
 
 def make_target(makefile: str, target: str) -> str:
-    match = re.search(rf"^{target}:.*?\n((?:\t.*\n?)*)", makefile, flags=re.M)
+    match = re.search(rf"^{target}:.*?\n((?:\t.*\n?)*)", makefile, flags=re.MULTILINE)
     assert match, f"Makefile has no target {target}"
     return match.group(1)
 
 
-def test_readme_shows_exactly_the_two_commands_and_ci_runs_the_test_one():
+def test_readme_shows_the_two_commands_and_ci_runs_the_test_one():
     readme = (ROOT / "README.md").read_text()
     lines = code_lines(readme)
     assert "make demo" in lines and "make test" in lines
@@ -28,6 +28,7 @@ def test_readme_shows_exactly_the_two_commands_and_ci_runs_the_test_one():
 
 
 def test_make_targets_install_from_the_lock_and_run_the_pipeline_and_pytest():
+    """`make demo` / `make test` install the committed lock (with the torch pair that imports on CPU)."""
     makefile = (ROOT / "Makefile").read_text()
     assert "-r requirements.lock" in makefile
     assert "dvc repro" in make_target(makefile, "demo")

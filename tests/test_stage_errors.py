@@ -36,6 +36,16 @@ def test_unknown_method_lists_known_ones(workdir):
     proc = run([sys.executable, "-m", "stages.merge"], workdir, check=False)
     assert proc.returncode == 2
     assert "merge.methods" in proc.stderr and "fisher" in proc.stderr and "weight_averaging" in proc.stderr
+    assert not (workdir / "data").exists()
+
+
+def test_task_not_in_params_and_missing_argument(workdir):
+    write_params(workdir / "params.yaml", MICRO_PARAMS)
+    proc = run([sys.executable, "-m", "stages.experts", "digits"], workdir, check=False)
+    assert proc.returncode == 2
+    assert "task 'digits' is not in `tasks`" in proc.stderr and "mnist_rotation" in proc.stderr
+    proc = run([sys.executable, "-m", "stages.experts"], workdir, check=False)
+    assert proc.returncode == 2 and "usage: python -m stages.experts <task>" in proc.stderr
 
 
 def test_missing_input_file_is_named(workdir):

@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from catmerge.io import load_weights
+from catmerge.io import ArtifactError, load_weights
 from catmerge.merging import METHODS
 from catmerge.params import MergeParams
-from catmerge.task_vectors import apply_task_vector, task_vector
+from catmerge.task_vectors import apply_task_vector, check_task_vector, task_vector
 
 SHAPES = {"w": (4, 3), "b": (4,), "ln.weight": (3,)}
 
@@ -26,7 +26,8 @@ def test_alpha_zero_is_pretrained_and_task_arithmetic_is_linear(seed, k, alpha):
     theta0 = random_state(seed)
     experts = [{n: v + 0.1 * random_state(seed + i + 1)[n] for n, v in theta0.items()} for i in range(k)]
     tvs = [task_vector(theta0, e) for e in experts]
-    zero = apply_task_vector(theta0, tvs[0], 0.0)
+    # alpha = 0 is the pretrained model (params.yaml refuses alpha <= 0; the method itself does not)
+    zero = METHODS["task_arithmetic"](theta0, tvs, MergeParams.model_construct(methods=["task_arithmetic"], alpha=0.0))
     assert all(torch.equal(zero[n], theta0[n]) for n in theta0)
     merged = METHODS["task_arithmetic"](theta0, tvs, MergeParams(methods=["task_arithmetic"], alpha=alpha))
     for n in theta0:
@@ -73,10 +74,16 @@ def test_pretrained_plus_task_vector_gives_back_the_expert(micro_project):
             assert torch.equal(restored[key], expert[key]), key
 
 
-def test_incompatible_expert_is_refused():
+def test_incompatible_expert_or_task_vector_is_refused():
     theta0 = random_state(0)
     bad = dict(theta0, w=torch.zeros(5, 3))
-    with pytest.raises(ValueError, match=r"w is \(5, 3\)"):
+    with pytest.raises(ArtifactError, match=r"expert.safetensors: w is \(5, 3\)"):
         task_vector(theta0, bad, "expert.safetensors")
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(ArtifactError, match=r"expert.safetensors: keys differ .*missing \['b', 'ln.weight'\]"):
         task_vector(theta0, {"w": theta0["w"]}, "expert.safetensors")
+    delta = task_vector(theta0, random_state(1))
+    check_task_vector(theta0, delta, "mnist.safetensors")
+    with pytest.raises(ArtifactError, match=r"mnist.safetensors: w is \(3,\)"):
+        check_task_vector(theta0, dict(delta, w=torch.zeros(3)), "mnist.safetensors")
+    with pytest.raises(ArtifactError, match=r"mnist.safetensors: keys differ .*extra \['head'\]"):
+        check_task_vector(theta0, dict(delta, head=torch.zeros(3)), "mnist.safetensors")

