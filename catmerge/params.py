@@ -13,6 +13,16 @@ from .configs import known_configs
 from .merging import METHODS
 
 
+def _known_and_unique(names: list[str], known: list[str], kind: str) -> list[str]:
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown {kind}(s) {unknown}; known: {', '.join(known)}")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate {kind}(s) {duplicates}")
+    return names
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -49,12 +59,7 @@ class MergeParams(Strict):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, methods: list[str]) -> list[str]:
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown merge method(s) {unknown}; known: {', '.join(METHODS)}")
-        if len(set(methods)) != len(methods):
-            raise ValueError(f"duplicate merge methods in {methods}")
-        return methods
+        return _known_and_unique(methods, list(METHODS), "merge method")
 
 
 class EvaluateParams(Strict):
@@ -77,12 +82,7 @@ class Params(Strict):
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; known builtin tasks: {', '.join(TASKS)}")
-        if len(set(tasks)) != len(tasks):
-            raise ValueError(f"duplicate task names in {tasks}")
-        return tasks
+        return _known_and_unique(tasks, list(TASKS), "builtin task")
 
     @field_validator("model")
     @classmethod

@@ -30,8 +30,8 @@ def test_repo_params_are_valid():
 @pytest.mark.parametrize(
     "change, expected",
     [
-        ({"tasks": ["mnist", "cifar10"]}, r"tasks = .*unknown task\(s\) \['cifar10'\]; known builtin tasks: mnist, mnist_rotation"),
-        ({"tasks": ["mnist", "mnist"]}, r"tasks = .*duplicate task names"),
+        ({"tasks": ["mnist", "cifar10"]}, r"tasks = .*unknown builtin task\(s\) \['cifar10'\]; known: mnist, mnist_rotation"),
+        ({"tasks": ["mnist", "mnist"]}, r"tasks = .*duplicate builtin task\(s\) \['mnist'\]"),
         ({"tasks": []}, r"tasks = \[\]"),
         ({"merge__methods": ["ties_merging"]}, r"merge.methods = .*unknown merge method\(s\) \['ties_merging'\]; known: weight_averaging, task_arithmetic"),
         ({"merge__alpha": 0}, r"merge.alpha = 0: .*greater than 0"),

@@ -52,9 +52,21 @@ def _optimizer(params, budget: TrainingBudget):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
-def _batches(n: int, budget: TrainingBudget, generator: torch.Generator):
-    for _ in range(budget.steps):
-        yield torch.randint(0, n, (min(budget.batch_size, n),), generator=generator)
+def _train(model: nn.Module, params, batch_loss, n: int, budget: TrainingBudget, generator: torch.Generator, desc: str):
+    """AdamW steps on batches drawn with replacement from n items; returns the loss per step."""
+    opt, sched = _optimizer(params, budget)
+    model.train()
+    losses = []
+    for _ in tqdm(range(budget.steps), desc=desc, leave=False, disable=None):  # no bar when not a terminal
+        idx = torch.randint(0, n, (min(budget.batch_size, n),), generator=generator)
+        loss = batch_loss(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
 
 
 def pretrain(
@@ -75,22 +87,15 @@ def pretrain(
     """
     images_t = torch.from_numpy(images)
     targets = torch.from_numpy(caption_ids)
-    params = list(visual.parameters()) + list(text_proj.parameters()) + [logit_scale]
-    opt, sched = _optimizer(params, budget)
-    visual.train()
-    losses = []
-    for idx in tqdm(_batches(len(images_t), budget, generator), total=budget.steps, desc=desc, leave=False, disable=None):
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         img = nn.functional.normalize(visual(normalize_images(images_t[idx])), dim=-1)
         txt = nn.functional.normalize(text_proj(caption_features), dim=-1)
         logits = logit_scale.exp().clamp(max=100) * img @ txt.T
-        loss = nn.functional.cross_entropy(logits, targets[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    visual.eval()
-    return losses
+        return nn.functional.cross_entropy(logits, targets[idx])
+
+    params = list(visual.parameters()) + list(text_proj.parameters()) + [logit_scale]
+    return _train(visual, params, batch_loss, len(images_t), budget, generator, desc)
 
 
 def finetune(
@@ -104,16 +109,9 @@ def finetune(
     desc: str = "finetune",
 ) -> list[float]:
     """Cross-entropy fine-tuning of the image tower against a frozen zero-shot head."""
-    opt, sched = _optimizer(visual.parameters(), budget)
-    visual.train()
-    losses = []
-    for idx in tqdm(_batches(len(images), budget, generator), total=budget.steps, desc=desc, leave=False, disable=None):
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         emb = nn.functional.normalize(visual(normalize_images(images[idx])), dim=-1)
-        loss = nn.functional.cross_entropy(logit_scale * emb @ head.T, labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    visual.eval()
-    return losses
+        return nn.functional.cross_entropy(logit_scale * emb @ head.T, labels[idx])
+
+    return _train(visual, visual.parameters(), batch_loss, len(images), budget, generator, desc)
