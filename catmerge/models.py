@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import CustomTextCLIP, _build_vision_tower
@@ -37,7 +35,7 @@ def create_clip(name: str) -> CustomTextCLIP:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the weight-loading bar says nothing about our stages
-    config = copy.deepcopy(model_config(name))
+    config = model_config(name)  # a fresh dict per call: CustomTextCLIP may keep references
     return CustomTextCLIP(config["embed_dim"], config["vision_cfg"], config["text_cfg"])
 
 
