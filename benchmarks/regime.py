@@ -22,7 +22,7 @@ from pathlib import Path
 from catmerge.data import read_split
 from catmerge.evaluation import accuracy
 from catmerge.io import load_weights
-from catmerge.merging import METHODS
+from catmerge.merging import merge_method
 from catmerge.models import create_image_tower
 from catmerge.params import MergeParams, load_params
 
@@ -46,13 +46,13 @@ def measure(project: Path) -> dict:
     out = {"pretrained": score(theta0, "test"), "expert": {}}
     for t in tasks:
         out["expert"].update(score(load_weights(data / f"experts/{t}/expert.safetensors"), "test", [t]))
-    out["weight_averaging"] = score(METHODS["weight_averaging"](theta0, tvs), "test")
+    out["weight_averaging"] = score(merge_method("weight_averaging")(theta0, tvs), "test")
     val_curve = {}
     for alpha in ALPHAS:
-        merged = METHODS["task_arithmetic"](theta0, tvs, MergeParams(methods=["task_arithmetic"], alpha=alpha))
+        merged = merge_method("task_arithmetic")(theta0, tvs, MergeParams(methods=["task_arithmetic"], alpha=alpha))
         val_curve[alpha] = statistics.mean(score(merged, "val").values())
     best = max(ALPHAS, key=lambda a: (val_curve[a], -a))
-    merged = METHODS["task_arithmetic"](theta0, tvs, MergeParams(methods=["task_arithmetic"], alpha=best))
+    merged = merge_method("task_arithmetic")(theta0, tvs, MergeParams(methods=["task_arithmetic"], alpha=best))
     out["task_arithmetic"] = score(merged, "test")
     out["task_arithmetic_val_curve"] = val_curve
     out["task_arithmetic_alpha"] = best

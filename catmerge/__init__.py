@@ -14,9 +14,9 @@ _PUBLIC = {
     "save_weights": "io",
     "task_vector": "task_vectors",
     "apply_task_vector": "task_vectors",
-    "METHODS": "merging",
+    "merge_method": "merging",
 }
-__all__ = ["METHODS", "apply_task_vector", "create_clip", "create_image_tower", "load_weights", "save_weights", "task_vector"]
+__all__ = ["apply_task_vector", "create_clip", "create_image_tower", "load_weights", "merge_method", "save_weights", "task_vector"]
 
 
 def __getattr__(name: str):

@@ -5,11 +5,14 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .io import ArtifactError, atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 SPLITS = ("train", "val", "test")
 
@@ -42,6 +45,7 @@ def read_split(path: str | Path) -> Split:
     """Decode a split written by `write_split` (or any parquet with Image + ClassLabel columns)."""
     import datasets
     import pyarrow.parquet as pq
+    import torch
     from PIL import Image
 
     path = Path(path)

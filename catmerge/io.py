@@ -14,13 +14,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:  # torch is imported where weights are touched: the datasets stage never needs it
+    import torch
 
-StateDict = dict[str, torch.Tensor]
+StateDict = dict[str, "torch.Tensor"]
 METADATA_KEY = "catmerge"
 
 
@@ -74,6 +73,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 def save_weights(tensors: StateDict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write safetensors atomically. Metadata goes under one key as sorted JSON, because
     safetensors writes a multi-key metadata map in no fixed order (the bytes would vary)."""
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     header = {METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None
     with atomic_path(path) as tmp:
@@ -89,6 +90,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def load_weights(path: str | Path) -> StateDict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"missing weights file: {path}")

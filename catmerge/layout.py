@@ -22,9 +22,12 @@ def task_vector_path(task: str) -> Path:
     return DATA / "task_vectors" / f"{task}.safetensors"
 
 
-def reference_scores_path(task: str) -> Path:
-    return DATA / "reference_scores" / f"{task}.json"
-
-
 def merged_path(method: str) -> Path:
     return MERGED_DIR / f"{method}.safetensors"
+
+
+def features_path(task: str) -> Path:
+    return DATA / "features" / f"{task}.safetensors"
+
+
+BASES_DIR = DATA / "bases"

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .benchmark.tasks import TASKS
 from .configs import known_configs
-from .merging import METHODS
+from .merging import METHOD_NAMES
 
 
 def _known_and_unique(names: list[str], known: list[str], kind: str) -> list[str]:
@@ -59,7 +59,25 @@ class MergeParams(Strict):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, methods: list[str]) -> list[str]:
-        return _known_and_unique(methods, list(METHODS), "merge method")
+        return _known_and_unique(methods, list(METHOD_NAMES), "merge method")
+
+
+class CatParams(Strict):
+    """CAT Merging (catmerge/cat.py). Stages: features (exemplars, feature_alpha), bases (c ...
+    shift_score), merge (alpha, rescale)."""
+
+    exemplars: int = Field(default=2, ge=1, description="unlabeled train images per task whose tokens are the feature rows")
+    feature_alpha: float = Field(default=1.0, gt=0, description="features come from theta_0 + feature_alpha * T_k")
+    c: int = Field(default=2, ge=0, description="removal directions per linear weight and task (Eq. 11)")
+    lambda_: float = Field(default=1.0, ge=0, alias="lambda", description="weight of task i's own signal in Eq. 10")
+    c_norm: int | None = Field(default=None, ge=0, description="coordinates masked per norm scale (Eq. 14); null = c")
+    lambda_norm: float | None = Field(default=None, ge=0, description="lambda of Eq. 13; null = lambda")
+    c_shift: int | None = Field(default=None, ge=0, description="coordinates masked per shift (Eq. 17); null = c")
+    qkv: Literal["split", "fused"] = "split"
+    drop_nonpositive: bool = True
+    shift_score: Literal["others", "own"] = "others"
+    rescale: bool = Field(default=True, description="scale each trimmed linear weight / norm scale back to its norm")
+    alpha: float = Field(default=0.4, gt=0, description="scaling of the summed trimmed task vectors")
 
 
 class EvaluateParams(Strict):
@@ -77,6 +95,7 @@ class Params(Strict):
     finetune: TrainingParams
     task_vectors: TaskVectorParams = TaskVectorParams()
     merge: MergeParams
+    cat: CatParams = CatParams()
     evaluate: EvaluateParams = EvaluateParams()
 
     @field_validator("tasks")

@@ -2,8 +2,8 @@
 
 from catmerge.cli import run_stage
 from catmerge.io import load_weights, save_weights
-from catmerge.layout import PRETRAINED_TOWER, merged_path, task_vector_path
-from catmerge.merging import METHODS
+from catmerge.layout import BASES_DIR, PRETRAINED_TOWER, merged_path, task_vector_path
+from catmerge.merging import cat, merge_method
 from catmerge.params import load_params
 from catmerge.task_vectors import check_task_vector
 
@@ -17,7 +17,10 @@ def main() -> None:
         check_task_vector(pretrained, delta, str(task_vector_path(task)))
         task_vectors.append(delta)
     for method in params.merge.methods:
-        merged = METHODS[method](pretrained, task_vectors, params.merge)
+        if method == "cat":  # also needs the bases stage's removals
+            merged = cat.merge(pretrained, task_vectors, params.cat, cat.read_removals(BASES_DIR, params.tasks))
+        else:
+            merged = merge_method(method)(pretrained, task_vectors, params.merge)
         save_weights(merged, merged_path(method), {"method": method, "tasks": ",".join(params.tasks)})
         print(f"merged {len(task_vectors)} task vectors with {method}")
 

@@ -35,7 +35,10 @@ MICRO_PARAMS = {
     "pretrain": {"steps": 30, "batch_size": 64, "lr": 3.0e-3, "weight_decay": 0.0, "warmup_steps": 3},
     "finetune": {"steps": 40, "batch_size": 64, "lr": 2.0e-3, "weight_decay": 0.0, "warmup_steps": 4},
     "task_vectors": {"dtype": "float64"},
-    "merge": {"methods": ["weight_averaging", "task_arithmetic"], "alpha": 0.3},
+    "merge": {"methods": ["weight_averaging", "task_arithmetic", "cat"], "alpha": 0.3},
+    "cat": {"exemplars": 2, "feature_alpha": 1.0, "c": 2, "lambda": 1.0, "c_norm": None, "lambda_norm": None,
+            "c_shift": None, "qkv": "split", "drop_nonpositive": True, "shift_score": "others", "rescale": True,
+            "alpha": 0.3},
     "evaluate": {"batch_size": 256},
 }
 

@@ -15,6 +15,7 @@ from conftest import MICRO_PARAMS, run, write_params
 MICRO_CLASS_NAMES = {t: TASKS[t].class_names for t in MICRO_PARAMS["tasks"]}
 
 DVC = [sys.executable, "-m", "dvc"]
+PER_TASK_STAGES = ("datasets", "experts", "task_vectors", "features")
 
 
 def ran_stages(output: str) -> set[str]:
@@ -24,8 +25,8 @@ def ran_stages(output: str) -> set[str]:
 def test_repro_builds_everything_then_only_what_changed(micro_project):
     first = (micro_project / "first_repro.log").read_text()
     tasks = MICRO_PARAMS["tasks"]
-    expected = {"pretrained", "merge", "evaluate"} | {
-        f"{stage}@{t}" for stage in ("datasets", "experts", "task_vectors", "evaluate_experts") for t in tasks
+    expected = {"pretrained", "bases", "merge", "evaluate"} | {
+        f"{stage}@{t}" for stage in PER_TASK_STAGES for t in tasks
     }
     assert ran_stages(first) == expected
 
@@ -33,7 +34,7 @@ def test_repro_builds_everything_then_only_what_changed(micro_project):
     assert set(metrics["accuracy"]) == set(tasks)
     for task in tasks:
         row = metrics["accuracy"][task]
-        assert set(row) == {"pretrained", "expert", "weight_averaging", "task_arithmetic"}
+        assert set(row) == {"pretrained", "expert", "weight_averaging", "task_arithmetic", "cat"}
         assert all(0.0 <= v <= 100.0 for v in row.values())
     # Even the micro experts must learn their tasks: a wrong head or broken fine-tuning fails here.
     average = metrics["average"]
@@ -52,22 +53,36 @@ def test_repro_builds_everything_then_only_what_changed(micro_project):
     assert ran_stages(second.stdout) == set()
 
     # Changing alpha reruns only merge and evaluate.
-    before = (micro_project / "data/merged/weight_averaging.safetensors").read_bytes()
-    ta_before = (micro_project / "data/merged/task_arithmetic.safetensors").read_bytes()
+    merged = {m: (micro_project / f"data/merged/{m}.safetensors").read_bytes() for m in ("weight_averaging", "task_arithmetic", "cat")}
     params = yaml.safe_load((micro_project / "params.yaml").read_text())
     params["merge"]["alpha"] = 0.5
     write_params(micro_project / "params.yaml", params)
     third = run(DVC + ["repro"], micro_project)
     assert ran_stages(third.stdout) == {"merge", "evaluate"}
-    # weight averaging does not depend on alpha: same bytes; task arithmetic does
-    assert (micro_project / "data/merged/weight_averaging.safetensors").read_bytes() == before
-    assert (micro_project / "data/merged/task_arithmetic.safetensors").read_bytes() != ta_before
+    # weight averaging and CAT (cat.alpha) do not depend on merge.alpha: same bytes; task arithmetic does
+    assert (micro_project / "data/merged/weight_averaging.safetensors").read_bytes() == merged["weight_averaging"]
+    assert (micro_project / "data/merged/cat.safetensors").read_bytes() == merged["cat"]
+    assert (micro_project / "data/merged/task_arithmetic.safetensors").read_bytes() != merged["task_arithmetic"]
+
+    # CAT's params rerun what reads them and nothing upstream.
+    bases_before = (micro_project / "data/bases/mnist.safetensors").read_bytes()
+    for key, value, stages in (
+        ("alpha", 0.5, {"merge", "evaluate"}),
+        ("c", 3, {"bases", "merge", "evaluate"}),
+        ("exemplars", 3, {f"features@{t}" for t in tasks} | {"bases", "merge", "evaluate"}),
+    ):
+        params["cat"][key] = value
+        write_params(micro_project / "params.yaml", params)
+        assert ran_stages(run(DVC + ["repro"], micro_project).stdout) == stages, key
+        if key == "alpha":
+            assert (micro_project / "data/merged/cat.safetensors").read_bytes() != merged["cat"]
+    assert (micro_project / "data/bases/mnist.safetensors").read_bytes() != bases_before
 
     # Adding a task builds only that task's stages, then merge and evaluate.
     params["tasks"] = params["tasks"] + ["mnist_parity"]
     write_params(micro_project / "params.yaml", params)
     fourth = run(DVC + ["repro"], micro_project)
-    new = {f"{stage}@mnist_parity" for stage in ("datasets", "experts", "task_vectors", "evaluate_experts")}
-    assert ran_stages(fourth.stdout) == new | {"merge", "evaluate"}
+    new = {f"{stage}@mnist_parity" for stage in PER_TASK_STAGES}
+    assert ran_stages(fourth.stdout) == new | {"bases", "merge", "evaluate"}
     metrics = json.loads((micro_project / "metrics/metrics.json").read_text())
     assert set(metrics["accuracy"]) == set(tasks) | {"mnist_parity"}

@@ -40,3 +40,12 @@ def test_make_targets_install_from_the_lock_and_run_the_pipeline_and_pytest():
 
 def test_dvc_analytics_are_off_in_the_committed_config():
     assert re.search(r"analytics\s*=\s*false", (ROOT / ".dvc/config").read_text())
+
+
+def test_readme_library_example_runs(micro_project, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"```python\n(.*?)```", readme, flags=re.DOTALL).group(1)
+    monkeypatch.chdir(micro_project)
+    scope: dict = {}
+    exec(compile(example, "README.md", "exec"), scope)
+    assert set(scope["averaged"]) == set(scope["theta0"]) == set(scope["cat_merged"])

@@ -1,0 +1,226 @@
+"""CAT Merging's math (catmerge/cat.py): the properties listed in cat-merging.md, on random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from catmerge import cat
+from catmerge.adapters import open_clip_vit
+from catmerge.merging import merge_method
+from catmerge.params import MergeParams
+from catmerge.task_vectors import sum_task_vectors
+
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+def random_layer(seed: int, tasks: int, d_out: int, d_in: int, rows: int):
+    g = torch.Generator().manual_seed(seed)
+    deltas = [torch.randn(d_out, d_in, generator=g, dtype=torch.float64) for _ in range(tasks)]
+    inputs = [cat.LayerInput(rows=torch.randn(rows, d_in, generator=g, dtype=torch.float64)) for _ in range(tasks)]
+    return deltas, inputs
+
+
+def as_gram(inputs):
+    return [cat.LayerInput(gram=x.gram_matrix()) for x in inputs]
+
+
+def projector(basis):
+    return basis @ basis.T
+
+
+layers = st.tuples(
+    st.integers(0, 10_000),  # seed
+    st.integers(2, 4),  # tasks
+    st.integers(4, 24),  # d_out
+    st.integers(3, 12),  # d_in
+    st.integers(1, 6),  # feature rows per task
+)
+
+
+@SETTINGS
+@given(layer=layers, c=st.integers(1, 3), lam=st.floats(0.0, 3.0))
+def test_basis_is_orthonormal_and_captures_the_top_eigenvalues(layer, c, lam):
+    deltas, inputs = random_layer(*layer)
+    for k in range(len(deltas)):
+        g = cat.conflict_matrix(k, deltas, inputs, lam)
+        removal = cat.removal_basis(k, deltas, inputs, lam, c)
+        b = removal.basis
+        torch.testing.assert_close(b.T @ b, torch.eye(b.shape[1], dtype=b.dtype), atol=1e-9, rtol=0)
+        # Tr(B^T G B) is the sum of the kept eigenvalues, which are G's largest (and positive)
+        assert torch.trace(b.T @ g @ b).item() == pytest.approx(removal.objective, rel=1e-8, abs=1e-8)
+        eigenvalues = torch.linalg.eigvalsh(g).flip(0)
+        top = [v for v in eigenvalues[:c].tolist() if v > 1e-9 * eigenvalues.abs().max().item()]
+        assert removal.kept == pytest.approx(top, rel=1e-7, abs=1e-7)
+        assert removal.trace == pytest.approx(torch.trace(g).item(), rel=1e-9, abs=1e-9)
+
+
+@SETTINGS
+@given(layer=layers, c=st.integers(1, 3), lam=st.floats(0.0, 3.0))
+def test_low_rank_route_and_gram_route_agree(layer, c, lam):
+    deltas, inputs = random_layer(*layer)
+    for k in range(len(deltas)):
+        low_rank = cat.removal_basis(k, deltas, inputs, lam, c)  # rows: factored route when m < d_out
+        dense = cat.removal_basis(k, deltas, as_gram(inputs), lam, c)  # Gram form
+        assert low_rank.kept == pytest.approx(dense.kept, rel=1e-7, abs=1e-8)
+        gaps = [a - b for a, b in zip(dense.kept, dense.kept[1:] + [0.0])]
+        if all(gap > 1e-6 for gap in gaps):  # the kept subspace is unique only without ties
+            torch.testing.assert_close(projector(low_rank.basis), projector(dense.basis), atol=1e-6, rtol=0)
+
+
+def test_iterative_solver_matches_full_eigh(monkeypatch):
+    deltas, inputs = random_layer(3, 3, 40, 30, 50)
+    grams = as_gram(inputs)
+    full = cat.removal_basis(0, deltas, grams, 0.5, 3)
+    monkeypatch.setattr(cat, "DENSE_EIGH_MAX", 8)
+    lanczos = cat.removal_basis(0, deltas, grams, 0.5, 3)
+    assert lanczos.kept == pytest.approx(full.kept, rel=1e-8)
+    torch.testing.assert_close(projector(lanczos.basis), projector(full.basis), atol=1e-8, rtol=0)
+
+
+@SETTINGS
+@given(layer=layers, lam=st.floats(0.1, 3.0))
+def test_two_tasks_without_rescale_leave_nothing_along_the_basis(layer, lam):
+    seed, _, d_out, d_in, rows = layer
+    deltas, inputs = random_layer(seed, 2, d_out, d_in, rows)
+    removals = [cat.removal_basis(k, deltas, inputs, lam, 2) for k in range(2)]
+    for i in range(2):
+        k = 1 - i
+        trimmed = cat.trim(i, deltas[i], removals, rescale=False)
+        basis = removals[k].basis
+        assert (basis.T @ trimmed).norm().item() < 1e-9 * max(1.0, deltas[i].norm().item())
+        # Eq. 10's conflict term ||X_k T_i^T||_F^2 drops by exactly the part along B_k
+        x_k = inputs[k].rows
+        before = (x_k @ deltas[i].T).square().sum().item()
+        after = (x_k @ trimmed.T).square().sum().item()
+        removed = (x_k @ deltas[i].T @ basis).square().sum().item()
+        assert after <= before + 1e-9 * max(1.0, before)
+        assert before - after == pytest.approx(removed, rel=1e-7, abs=1e-9 * max(1.0, before))
+
+
+@SETTINGS
+@given(layer=layers, alpha=st.floats(0.05, 3.0))
+def test_bases_do_not_depend_on_alpha(layer, alpha):
+    deltas, inputs = random_layer(*layer)
+    plain = cat.removal_basis(0, deltas, inputs, 1.0, 2)
+    scaled = cat.removal_basis(0, [alpha * d for d in deltas], inputs, 1.0, 2)
+    assert scaled.kept == pytest.approx([alpha**2 * v for v in plain.kept], rel=1e-7, abs=1e-9)
+    gaps = [a - b for a, b in zip(plain.kept, plain.kept[1:] + [0.0])]
+    if len(plain.kept) == len(scaled.kept) and all(gap > 1e-6 for gap in gaps):
+        torch.testing.assert_close(projector(scaled.basis), projector(plain.basis), atol=1e-6, rtol=0)
+
+
+@SETTINGS
+@given(layer=layers, c=st.integers(1, 3))
+def test_trimming_lowers_the_conflict_more_than_random_directions(layer, c):
+    """Eq. 10: among c-dimensional removals, B_k captures the most of G_k (Ky Fan)."""
+    deltas, inputs = random_layer(*layer)
+    d_out = deltas[0].shape[0]
+    if c >= d_out:
+        return
+    g = cat.conflict_matrix(0, deltas, inputs, 1.0)
+    best = cat.removal_basis(0, deltas, inputs, 1.0, c, drop_nonpositive=False)
+    random_basis = torch.linalg.qr(torch.randn(d_out, c, dtype=torch.float64, generator=torch.Generator().manual_seed(layer[0])))[0]
+    bottom = torch.linalg.eigh(g).eigenvectors[:, :c]
+    captured = torch.trace(best.basis.T @ g @ best.basis).item()
+    assert captured >= torch.trace(random_basis.T @ g @ random_basis).item() - 1e-9
+    assert captured >= torch.trace(bottom.T @ g @ bottom).item() - 1e-9
+
+
+def test_non_positive_directions_are_dropped():
+    deltas, inputs = random_layer(0, 3, 10, 6, 2)
+    same = [inputs[0]] * 3
+    # every task reads the same rows and lambda > 1: G_k = (1 - lambda) sum T_i A T_i^T is negative
+    # semi-definite, so no direction lowers the objective
+    assert cat.removal_basis(0, deltas, same, 2.0, 3).basis.shape == (10, 0)
+    assert cat.removal_basis(0, deltas, same, 2.0, 3, drop_nonpositive=False).basis.shape == (10, 3)
+    assert cat.removal_basis(0, deltas, inputs, 2.0, 3).basis.shape == (10, 3)
+
+
+def test_rescale_restores_the_norm_and_c_zero_changes_nothing():
+    deltas, inputs = random_layer(1, 3, 12, 5, 3)
+    removals = [cat.removal_basis(k, deltas, inputs, 1.0, 2) for k in range(3)]
+    trimmed = cat.trim(0, deltas[0], removals, rescale=True)
+    assert trimmed.norm().item() == pytest.approx(deltas[0].norm().item(), rel=1e-12)
+    assert not torch.allclose(trimmed, deltas[0])
+    nothing = [cat.removal_basis(k, deltas, inputs, 1.0, 0) for k in range(3)]
+    assert cat.trim(0, deltas[0], nothing, rescale=True) is deltas[0]
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), tasks=st.integers(2, 4), d=st.integers(2, 12), rows=st.integers(1, 5), lam=st.floats(0.0, 2.0))
+def test_norm_scale_scores_are_eq_13(seed, tasks, d, rows, lam):
+    g = torch.Generator().manual_seed(seed)
+    deltas = [torch.randn(d, generator=g, dtype=torch.float64) for _ in range(tasks)]
+    x_hat = [torch.randn(rows, d, generator=g, dtype=torch.float64) for _ in range(tasks)]
+    sums = [x.square().sum(dim=0) for x in x_hat]
+    removal = cat.norm_scale_mask(0, deltas, sums, lam, d, drop_nonpositive=False)
+    brute = sum(((x_hat[0] * deltas[i]) ** 2).sum(0) - lam * ((x_hat[i] * deltas[i]) ** 2).sum(0) for i in range(1, tasks))
+    assert removal.mask.tolist() == torch.sort(brute, descending=True, stable=True).indices.tolist()
+    assert removal.kept == pytest.approx(torch.sort(brute, descending=True).values.tolist(), rel=1e-9, abs=1e-12)
+
+
+def test_masks_break_ties_to_the_lowest_index_and_use_the_chosen_score():
+    deltas = [torch.ones(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)]
+    deltas[2][4] = 5.0
+    assert cat.shift_mask(0, deltas, 2).mask.tolist() == [4, 0]  # others: T_1^2 + T_2^2
+    assert cat.shift_mask(0, deltas, 2, "own").mask.tolist() == [0, 1]  # own: T_0^2, all tied
+    assert cat.shift_mask(1, [torch.zeros(6, dtype=torch.float64)] * 2, 3).mask.tolist() == []  # nothing moved
+
+
+def micro_model(seed: int, tasks: int = 3):
+    from catmerge.models import create_image_tower
+
+    torch.manual_seed(seed)
+    theta0 = {k: v.double() for k, v in create_image_tower("micro-vit-minilm").state_dict().items()}
+    g = torch.Generator().manual_seed(seed + 1)
+    tvs = [{k: 0.05 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in theta0.items()} for _ in range(tasks)]
+    features = []
+    for _ in range(tasks):
+        linear = {}
+        sums = {}
+        for piece in open_clip_vit.pieces({k: tuple(v.shape) for k, v in theta0.items()}, "fused"):
+            if piece.family == "linear":
+                linear[piece.input] = cat.LayerInput(rows=torch.randn(6, theta0[piece.key].shape[1], generator=g, dtype=torch.float64))
+            elif piece.family == "norm_scale":
+                sums[piece.input] = torch.rand(theta0[piece.key].shape[0], generator=g, dtype=torch.float64)
+        features.append((linear, sums))
+    return theta0, tvs, features
+
+
+@pytest.mark.parametrize("qkv", ["split", "fused"])
+def test_c_zero_is_task_arithmetic_bit_for_bit(qkv):
+    theta0, tvs, features = micro_model(0)
+    pieces = open_clip_vit.pieces({k: tuple(v.shape) for k, v in theta0.items()}, qkv)
+    removals = cat.model_removals(pieces, tvs, features, cat.Settings(c=0, lam=1.0, c_norm=0, lambda_norm=1.0, c_shift=0))
+    cat_sum = cat.trimmed_sum(pieces, tvs, removals, rescale=True)
+    ta_sum = sum_task_vectors(tvs)
+    for key in ta_sum:
+        assert torch.equal(cat_sum[key], ta_sum[key]), key
+    merged = merge_method("task_arithmetic")(theta0, tvs, MergeParams(methods=["task_arithmetic"], alpha=0.3))
+    cat_merged = merge_method("cat")(theta0, tvs, type("P", (), {"alpha": 0.3, "rescale": True}), (pieces, removals))
+    assert all(torch.equal(merged[k], cat_merged[k]) for k in merged)
+
+
+def test_split_qkv_trims_q_k_v_separately():
+    theta0, tvs, features = micro_model(1)
+    shapes = {k: tuple(v.shape) for k, v in theta0.items()}
+    settings_ = cat.Settings(c=2, lam=1.0, c_norm=2, lambda_norm=1.0, c_shift=2)
+    split = open_clip_vit.pieces(shapes, "split")
+    removals = cat.model_removals(split, tvs, features, settings_)
+    key = "transformer.resblocks.0.attn.in_proj_weight"
+    bases = [removals[f"{key}[{p}]"][1].basis for p in "qkv"]
+    assert all(b.shape == (16, 2) for b in bases)
+    fused = cat.model_removals(open_clip_vit.pieces(shapes, "fused"), tvs, features, settings_)
+    fused_basis = fused[key][1].basis
+    assert fused_basis.shape == (48, 2)
+    # the fused basis is not the q, k, v bases side by side
+    assert not torch.allclose(projector(fused_basis), torch.block_diag(*(projector(b) for b in bases)), atol=1e-3)
+    # each block is trimmed by its own basis only: q rows of T_0 after trimming by task 1 (and 2)
+    trimmed = cat.trimmed_sum(split, tvs, removals, rescale=False)
+    q_rows = sum(cat.trim(i, tvs[i][key][:16], removals[f"{key}[q]"], False) for i in range(3))
+    torch.testing.assert_close(trimmed[key][:16], q_rows, rtol=0, atol=1e-12)
+    # everything "other" is summed untouched
+    torch.testing.assert_close(trimmed["proj"], sum(tv["proj"] for tv in tvs), rtol=0, atol=0)
