@@ -95,7 +95,7 @@ def _top_eigenpairs_factored(factors: Tensor, weights: Tensor, with_null_space: 
     """Eigenpairs of U^T diag(w) U through the m-dimensional space U spans: U^T = Q R, so
     G = Q (R diag(w) R^T) Q^T and only an (m, m) eigenproblem is left. The rest of R^d_out is
     G's null space (eigenvalue 0), added only when zero directions may be chosen."""
-    m, d_out = factors.shape
+    m = factors.shape[0]
     q, r = torch.linalg.qr(factors.T, mode="complete" if with_null_space else "reduced")
     values, vectors = torch.linalg.eigh((r[:m] * weights) @ r[:m].T)
     values_all = torch.cat([values, values.new_zeros(q.shape[1] - m)])
@@ -106,20 +106,25 @@ def _top_eigenpairs_dense(matrix: Tensor, c: int) -> tuple[Tensor, Tensor]:
     d = matrix.shape[0]
     if d <= DENSE_EIGH_MAX or c >= d - 1:
         return torch.linalg.eigh(matrix)
-    from scipy.sparse.linalg import eigsh
+    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
     # Lanczos for the c largest (algebraic) eigenvalues; a fixed start vector keeps it deterministic.
-    values, vectors = eigsh(matrix.numpy(), k=c, which="LA", v0=np.ones(d) / np.sqrt(d))
+    try:
+        values, vectors = eigsh(matrix.numpy(), k=c, which="LA", v0=np.ones(d) / np.sqrt(d))
+    except ArpackNoConvergence:  # e.g. fewer than c positive eigenvalues: a cluster at 0
+        return torch.linalg.eigh(matrix)
     return torch.from_numpy(values), torch.from_numpy(vectors)
 
 
-def top_c(scores: Tensor, c: int, drop_nonpositive: bool) -> Tensor:
+def top_c(scores: Tensor, c: int, drop_nonpositive: bool, scale: float | None = None) -> Tensor:
     """Indices of the c largest scores, largest first, ties to the lowest index; with
-    drop_nonpositive, scores that are not clearly positive are never chosen."""
+    drop_nonpositive, scores not above ZERO_TOLERANCE * scale (default: the largest |score|)
+    are never chosen."""
     order = torch.sort(scores, descending=True, stable=True).indices[:c]
     if drop_nonpositive:
-        tolerance = ZERO_TOLERANCE * float(scores.abs().max()) if scores.numel() else 0.0
-        order = order[scores[order] > tolerance]
+        if scale is None:
+            scale = float(scores.abs().max()) if scores.numel() else 0.0
+        order = order[scores[order] > ZERO_TOLERANCE * scale]
     return order
 
 
@@ -130,6 +135,7 @@ def removal_basis(
     d_out = deltas[k].shape[0]
     if c == 0:
         return Removal(torch.zeros(d_out, 0, dtype=deltas[k].dtype), None, [], 0.0)
+    scale = None
     have_rows = all(x.rows is not None for x in inputs)
     rows = sum(inputs[k].rows.shape[0] + inputs[i].rows.shape[0] for i in range(len(inputs)) if i != k) if have_rows else None
     if rows is not None and rows < d_out:
@@ -140,7 +146,9 @@ def removal_basis(
         matrix = conflict_matrix(k, deltas, inputs, lam)
         values, vectors = _top_eigenpairs_dense(matrix, c)
         trace = float(matrix.trace())
-    chosen = top_c(values, c, drop_nonpositive)
+        if len(values) < d_out:  # only the top c came back: measure "zero" against ||G||_F >= max |eigenvalue|
+            scale = float(matrix.norm())
+    chosen = top_c(values, c, drop_nonpositive, scale)
     basis = vectors[:, chosen]
     # Eigenvectors are defined up to sign: fix it (largest entry positive) so the bytes are canonical.
     signs = torch.sign(basis.gather(0, basis.abs().argmax(dim=0, keepdim=True)))
@@ -181,7 +189,8 @@ def trim(i: int, delta: Tensor, removals: list[Removal], rescale: bool) -> Tenso
         if k == i:
             continue
         if removal.basis is not None and removal.basis.shape[1]:
-            trimmed = trimmed - removal.basis @ (removal.basis.T @ trimmed)
+            basis = removal.basis.to(trimmed.dtype)
+            trimmed = trimmed - basis @ (basis.T @ trimmed)
         elif removal.mask is not None and removal.mask.numel():
             trimmed = trimmed.clone()
             trimmed[removal.mask] = 0
@@ -208,12 +217,17 @@ class Settings:
     shift_score: str = "others"
 
 
+def _as_matrix(piece, delta: Tensor) -> Tensor:
+    """A linear piece as (d_out, d_in): a convolution kernel acts on its unfolded patches."""
+    return delta.reshape(delta.shape[0], -1) if piece.family == "linear" else delta
+
+
 def model_removals(pieces, task_vectors: list[dict[str, Tensor]], features: list, settings: Settings) -> dict[str, list[Removal]]:
     """Every task's removal for every piece. `features[k]` is task k's (linear inputs, norm sums
     of squares) by input name, as `catmerge.features.load_features` returns them."""
     out = {}
     for piece in pieces:
-        deltas = [piece.of(tv[piece.key]).double() for tv in task_vectors]
+        deltas = [_as_matrix(piece, piece.of(tv[piece.key]).double()) for tv in task_vectors]
         tasks = range(len(deltas))
         if piece.family == "linear":
             inputs = [features[k][0][piece.input] for k in tasks]
@@ -237,7 +251,7 @@ def trimmed_sum(pieces, task_vectors: list[dict[str, Tensor]], removals: dict[st
             trimmed = deltas
         else:
             scale_back = rescale and piece.family in ("linear", "norm_scale")
-            trimmed = [trim(i, d, removals[piece.name], scale_back) for i, d in enumerate(deltas)]
+            trimmed = [trim(i, _as_matrix(piece, d), removals[piece.name], scale_back).reshape(d.shape) for i, d in enumerate(deltas)]
         piece_sum = trimmed[0].clone()
         for t in trimmed[1:]:
             piece_sum += t

@@ -74,6 +74,7 @@ class CatParams(Strict):
     lambda_norm: float | None = Field(default=None, ge=0, description="lambda of Eq. 13; null = lambda")
     c_shift: int | None = Field(default=None, ge=0, description="coordinates masked per shift (Eq. 17); null = c")
     qkv: Literal["split", "fused"] = "split"
+    conv: bool = Field(default=False, description="treat the patch embedding as a linear map on unfolded patches")
     drop_nonpositive: bool = True
     shift_score: Literal["others", "own"] = "others"
     rescale: bool = Field(default=True, description="scale each trimmed linear weight / norm scale back to its norm")

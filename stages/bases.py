@@ -5,6 +5,8 @@ Linear weights get a removal basis B_k (Eq. 10-11), norm scales a mask (Eq. 13-1
 (or scores) kept and the objective captured, for diagnostics.
 """
 
+import dataclasses
+
 from tqdm import tqdm
 
 from catmerge import cat
@@ -34,7 +36,7 @@ def main() -> None:
     adapter = get_adapter(adapter_names.pop())
 
     shapes = {k: tuple(v.shape) for k, v in pretrained.items() if v.is_floating_point()}
-    pieces = adapter.pieces(shapes, p.qkv)
+    pieces = adapter.pieces(shapes, p.qkv, p.conv)
     for piece in pieces:
         width = piece.stop - piece.start
         if piece.family == "linear" and p.c >= width:
@@ -57,7 +59,10 @@ def main() -> None:
     )
     inputs = [(linear, sums) for linear, sums, _ in features]
     removals = cat.model_removals(tqdm(pieces, desc="bases", leave=False, disable=None), task_vectors, inputs, settings)
-    info = {"adapter": adapter.NAME, "params": p.model_dump(by_alias=True)}
+    # only the params this stage reads (dvc.yaml lists the same), with the defaults resolved
+    resolved = dataclasses.asdict(settings)
+    resolved["lambda"] = resolved.pop("lam")
+    info = {"adapter": adapter.NAME, "params": {**resolved, "qkv": p.qkv, "conv": p.conv}}
     write_removals(BASES_DIR, params.tasks, pieces, removals, info)
 
     linear = [r for piece in pieces if piece.family == "linear" for r in removals[piece.name]]

@@ -46,7 +46,7 @@ def main(task: str) -> None:
     if missing:
         raise RuntimeError(f"{adapter.NAME} adapter captured no rows for {missing}")
     tensors = compress(captured, {p.input for p in pieces if p.family == "norm_scale"})
-    rows = next(iter(captured.values())).shape[0]
+    rows = max(x.shape[0] for x in captured.values())  # tokens x exemplars (the patch embedding sees no class token)
     meta = {"task": task, "adapter": adapter.NAME, "exemplars": chosen.tolist(), "rows": rows, "feature_alpha": params.cat.feature_alpha}
     save_features(tensors, features_path(task), meta)
     print(f"{task}: {count} exemplars {chosen.tolist()}, {rows} rows per layer, {len(needed)} layer inputs")

@@ -37,7 +37,7 @@ MICRO_PARAMS = {
     "task_vectors": {"dtype": "float64"},
     "merge": {"methods": ["weight_averaging", "task_arithmetic", "cat"], "alpha": 0.3},
     "cat": {"exemplars": 2, "feature_alpha": 1.0, "c": 2, "lambda": 1.0, "c_norm": None, "lambda_norm": None,
-            "c_shift": None, "qkv": "split", "drop_nonpositive": True, "shift_score": "others", "rescale": True,
+            "c_shift": None, "qkv": "split", "conv": False, "drop_nonpositive": True, "shift_score": "others", "rescale": True,
             "alpha": 0.3},
     "evaluate": {"batch_size": 256},
 }

@@ -35,6 +35,22 @@ def test_out_proj_of_recomputed_context_is_the_attention_output(tower, images):
     torch.testing.assert_close(block.attn.out_proj(context), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_captured_context_through_out_proj_is_the_attention_output_in_a_real_forward(tower, images):
+    outputs = {}
+    handles = [
+        block.attn.register_forward_hook(lambda module, args, out, i=i: outputs.__setitem__(i, out[0]))
+        for i, block in enumerate(tower.transformer.resblocks)
+    ]
+    try:
+        rows = open_clip_vit.capture_inputs(tower, images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i, block in enumerate(tower.transformer.resblocks):
+        context = rows[f"transformer.resblocks.{i}.attn.out_proj"]
+        torch.testing.assert_close(block.attn.out_proj(context), outputs[i].reshape(-1, 16), rtol=1e-5, atol=1e-6)
+
+
 def test_captured_rows_are_the_inputs_of_each_layer(tower, images):
     rows = open_clip_vit.capture_inputs(tower, images)
     tokens = 3 * 17  # 3 images x (16 patches + class token)
@@ -48,9 +64,14 @@ def test_captured_rows_are_the_inputs_of_each_layer(tower, images):
         # c_proj's input is the GELU of c_fc's output
         torch.testing.assert_close(F.gelu(block.mlp.c_fc(rows[p + "mlp.c_fc"])), rows[p + "mlp.c_proj"])
         # x_hat is normalized: zero mean, unit variance per row
-        x_hat = rows[p + "ln_1"]
+    for name in ("ln_pre", "ln_post") + tuple(f"transformer.resblocks.{i}.ln_{j}" for i in range(2) for j in (1, 2)):
+        x_hat = rows[name]  # normalized, pre-affine: zero mean, unit variance per row
         torch.testing.assert_close(x_hat.mean(dim=1), torch.zeros(tokens), atol=1e-5, rtol=0)
         torch.testing.assert_close(x_hat.var(dim=1, unbiased=False), torch.ones(tokens), atol=1e-3, rtol=0)
+    # the patch embedding's rows are the unfolded patches its kernel multiplies
+    kernel = tower.conv1.weight.reshape(16, -1)
+    patches = tower.conv1(images).flatten(2).transpose(1, 2).reshape(-1, 16)
+    torch.testing.assert_close(rows["conv1"] @ kernel.T, patches, rtol=1e-5, atol=1e-5)
     # the first block's ln_1 reads ln_pre's output
     ln_pre = tower.ln_pre
     first = tower.transformer.resblocks[0]
@@ -77,6 +98,9 @@ def test_every_parameter_row_is_in_exactly_one_piece(tower, qkv):
         f"transformer.resblocks.{i}.ln_{j}.weight" for i in range(2) for j in (1, 2)
     }
     assert set(by_family["other"]) == {"class_embedding", "positional_embedding", "proj", "conv1.weight"}
+    with_conv = open_clip_vit.pieces(shapes, qkv, conv=True)
+    conv = [p for p in with_conv if p.key == "conv1.weight"]
+    assert [(p.family, p.input) for p in conv] == [("linear", "conv1")]
     assert len(by_family["shift"]) == 6 + 2 * (3 + (3 if qkv == "split" else 1))
 
 
@@ -84,7 +108,7 @@ def test_every_piece_input_is_captured(tower, images):
     rows = open_clip_vit.capture_inputs(tower, images)
     pieces = open_clip_vit.pieces({k: tuple(v.shape) for k, v in tower.state_dict().items()}, "split")
     needed = {p.input for p in pieces if p.input}
-    assert needed == set(rows)
+    assert needed | {"conv1"} == set(rows)
     shapes = {k: tuple(v.shape) for k, v in tower.state_dict().items()}
     for p in pieces:
         if p.family == "linear":

@@ -17,8 +17,10 @@ Parameters of a residual block `transformer.resblocks.<i>` and the rows that fee
 | ln_1.weight, ln_2.weight   | norm_scale | the LayerNorm's normalized input x_hat (pre-affine)  |
 | every bias, LayerNorm bias | shift      | none needed                                          |
 
-`ln_pre` and `ln_post` are norm scales and shifts too; `conv1`, the class and positional
-embeddings and `proj` are "other" (plain task arithmetic).
+`ln_pre` and `ln_post` are norm scales and shifts too; the class and positional embeddings and
+`proj` are "other" (plain task arithmetic). So is the patch embedding `conv1.weight`, unless
+`conv=True`: then it is a linear weight (d, 3 * p * p) whose input rows are the unfolded image
+patches, as the paper allows.
 
 `nn.MultiheadAttention` applies `out_proj` inside `F.multi_head_attention_forward`, so no hook
 ever sees its input. We recompute the context from the attention module's own inputs and weights;
@@ -45,10 +47,14 @@ _LINEAR_BIAS = re.compile(rf"^{_BLOCK}(attn\.in_proj_bias|attn\.out_proj\.bias|m
 
 
 def matches(tower: nn.Module) -> bool:
-    return type(tower).__name__ == "VisionTransformer" and hasattr(tower, "transformer") and hasattr(tower, "conv1")
+    """An open_clip VisionTransformer of plain residual blocks (no attention pooling)."""
+    if type(tower).__name__ != "VisionTransformer" or not hasattr(tower, "conv1") or getattr(tower, "attn_pool", None) is not None:
+        return False
+    blocks = getattr(getattr(tower, "transformer", None), "resblocks", [])
+    return len(blocks) > 0 and all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in blocks)
 
 
-def pieces(shapes: dict[str, tuple[int, ...]], qkv: str) -> list[Piece]:
+def pieces(shapes: dict[str, tuple[int, ...]], qkv: str, conv: bool = False) -> list[Piece]:
     """Every float parameter of the tower as CAT pieces, in state-dict order.
 
     With qkv `split`, the fused `in_proj_weight` (3d, d) and `in_proj_bias` (3d) become three
@@ -56,7 +62,10 @@ def pieces(shapes: dict[str, tuple[int, ...]], qkv: str) -> list[Piece]:
     """
     out = []
     for key, shape in shapes.items():
-        fused_qkv = key.endswith("attn.in_proj_weight") or key.endswith("attn.in_proj_bias")
+        if key == "conv1.weight" and conv:
+            out += whole_or_split(key, "linear", "conv1", shape, False)
+            continue
+        fused_qkv = key.endswith(("attn.in_proj_weight", "attn.in_proj_bias"))
         split = qkv == "split" and fused_qkv
         if m := _LINEAR_WEIGHT.match(key):
             out += whole_or_split(key, "linear", m.group(1), shape, split)
@@ -108,6 +117,10 @@ def capture_inputs(tower: nn.Module, images: torch.Tensor) -> dict[str, torch.Te
     def on_linear(name: str):
         return lambda module, args: record(name, args[0])
 
+    def on_patch_embedding(name: str, conv: nn.Conv2d):
+        # the rows a (d, 3*p*p) matrix view of the kernel multiplies: one per patch, C x p x p order
+        return lambda module, args: record(name, F.unfold(args[0], conv.kernel_size, stride=conv.stride).transpose(1, 2))
+
     def on_layer_norm(name: str, norm: nn.LayerNorm):
         return lambda module, args: record(name, F.layer_norm(args[0].float(), norm.normalized_shape, eps=norm.eps))
 
@@ -117,6 +130,8 @@ def capture_inputs(tower: nn.Module, images: torch.Tensor) -> dict[str, torch.Te
                 hooks.callback(module.register_forward_pre_hook(on_attention(name, module), with_kwargs=True).remove)
             elif isinstance(module, nn.Linear) and name.endswith(("mlp.c_fc", "mlp.c_proj")):
                 hooks.callback(module.register_forward_pre_hook(on_linear(name)).remove)
+            elif isinstance(module, nn.Conv2d) and name == "conv1":
+                hooks.callback(module.register_forward_pre_hook(on_patch_embedding(name, module)).remove)
             elif isinstance(module, nn.LayerNorm):
                 hooks.callback(module.register_forward_pre_hook(on_layer_norm(name, module)).remove)
         tower.eval()

@@ -12,7 +12,17 @@ import torch
 
 from .. import cat
 from ..adapters import Piece
-from ..io import ArtifactError, StateDict, atomic_dir, file_record, load_weights, read_json, save_weights, write_json
+from ..io import (
+    ArtifactError,
+    StateDict,
+    atomic_dir,
+    file_record,
+    load_weights,
+    read_json,
+    save_weights,
+    sha256_file,
+    write_json,
+)
 from ..task_vectors import apply_task_vector
 
 MANIFEST = "manifest.json"
@@ -50,10 +60,18 @@ def write_removals(directory: str | Path, tasks: list[str], pieces: list[Piece],
 
 
 def read_removals(directory: str | Path, tasks: list[str]) -> tuple[list[Piece], dict[str, list[cat.Removal]]]:
+    """The bases stage's removals for `tasks` (in that order), checked against the manifest."""
     directory = Path(directory)
-    manifest = read_json(directory / MANIFEST)
-    if manifest.get("tasks") != list(tasks):
-        raise ArtifactError(f"{directory / MANIFEST}: bases were computed for tasks {manifest.get('tasks')}, not {list(tasks)}")
+    manifest_path = directory / MANIFEST
+    manifest = read_json(manifest_path)
+    missing = [key for key in ("tasks", "pieces", "files") if key not in manifest]
+    if missing:
+        raise ArtifactError(f"{manifest_path}: missing keys {missing}")
+    if manifest["tasks"] != list(tasks):
+        raise ArtifactError(f"{manifest_path}: bases were computed for tasks {manifest['tasks']}, not {list(tasks)}")
+    for record in manifest["files"]:
+        if sha256_file(directory / record["path"]) != record["sha256"]:
+            raise ArtifactError(f"{directory / record['path']}: sha256 does not match {manifest_path}")
     pieces = [Piece.from_json(p) for p in manifest["pieces"]]
     stored = [load_weights(directory / f"{task}.safetensors") for task in tasks]
     by_piece = {}
@@ -62,9 +80,15 @@ def read_removals(directory: str | Path, tasks: list[str]) -> tuple[list[Piece],
             continue
         removals = []
         for task, tensors in zip(tasks, stored):
+            path = directory / f"{task}.safetensors"
             basis, mask = tensors.get(f"{piece.name}.basis"), tensors.get(f"{piece.name}.mask")
             if basis is None and mask is None:
-                raise ArtifactError(f"{directory / (task + '.safetensors')}: no removal for {piece.name}")
+                raise ArtifactError(f"{path}: no removal for {piece.name}")
+            width = piece.stop - piece.start
+            if (basis is not None and (basis.dim() != 2 or basis.shape[0] != width)) or (
+                mask is not None and (mask.dim() != 1 or (mask.numel() and int(mask.max()) >= width))
+            ):
+                raise ArtifactError(f"{path}: removal for {piece.name} does not fit its {width} rows")
             removals.append(cat.Removal(basis, mask, [], 0.0))
         by_piece[piece.name] = removals
     return pieces, by_piece
