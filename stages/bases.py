@@ -7,8 +7,6 @@ Linear weights get a removal basis B_k (Eq. 10-11), norm scales a mask (Eq. 13-1
 
 import dataclasses
 
-from tqdm import tqdm
-
 from catmerge import cat
 from catmerge.adapters import get_adapter
 from catmerge.cli import run_stage
@@ -17,6 +15,7 @@ from catmerge.io import ArtifactError, load_weights
 from catmerge.layout import BASES_DIR, PRETRAINED_TOWER, features_path, task_vector_path
 from catmerge.merging.cat import write_removals
 from catmerge.params import ParamsError, load_params
+from catmerge.progress import progress
 from catmerge.task_vectors import check_task_vector
 
 
@@ -58,7 +57,7 @@ def main() -> None:
         shift_score=p.shift_score,
     )
     inputs = [(linear, sums) for linear, sums, _ in features]
-    removals = cat.model_removals(tqdm(pieces, desc="bases", leave=False, disable=None), task_vectors, inputs, settings)
+    removals = cat.model_removals(progress(pieces, "bases"), task_vectors, inputs, settings)
     # only the params this stage reads (dvc.yaml lists the same), with the defaults resolved
     resolved = dataclasses.asdict(settings)
     resolved["lambda"] = resolved.pop("lam")

@@ -79,4 +79,5 @@ def micro_project(tmp_path_factory) -> Path:
     project = make_project(tmp_path_factory.mktemp("micro") / "project", MICRO_PARAMS)
     proc = run([sys.executable, "-m", "dvc", "repro"], project)
     (project / "first_repro.log").write_text(proc.stdout + proc.stderr)
+    shutil.copy(project / "metrics/metrics.json", project / "first_metrics.json")
     return project

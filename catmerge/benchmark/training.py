@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ..models import normalize_images
+from ..progress import progress
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def _train(model: nn.Module, params, batch_loss, n: int, budget: TrainingBudget,
     opt, sched = _optimizer(params, budget)
     model.train()
     losses = []
-    for _ in tqdm(range(budget.steps), desc=desc, leave=False, disable=None):  # no bar when not a terminal
+    for _ in progress(range(budget.steps), desc):
         idx = torch.randint(0, n, (min(budget.batch_size, n),), generator=generator)
         loss = batch_loss(idx)
         opt.zero_grad(set_to_none=True)

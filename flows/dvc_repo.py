@@ -1,0 +1,149 @@
+"""What the flows ask of DVC: the stage order, one stage reproduced, param overrides, experiments.
+
+DVC stays the single source of truth for staleness (dvc.lock): a stage task never decides itself
+whether to run, it asks `dvc repro --single-item` and reports what DVC did.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from catmerge.params import ParamsError, load_params
+
+DVC = [sys.executable, "-m", "dvc"]
+
+
+class StageFailed(RuntimeError):
+    """A stage exited with an error; the message is the stage's own."""
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    stage: str
+    ran: bool  # False: DVC found it up to date and skipped it
+    seconds: float
+
+
+def stage_order(project: Path) -> list[str]:
+    """Every stage of dvc.yaml (foreach items expanded), dependencies first, dvc.yaml order otherwise."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        stages = list(repo.index.stages)
+        position = {stage: i for i, stage in enumerate(stages)}
+        graph = repo.index.graph.reverse()  # edges from a dependency to its dependents
+        return [s.name for s in nx.lexicographical_topological_sort(graph, key=lambda s: position[s])]
+
+
+def stage_group(stage: str) -> str:
+    """`experts@mnist` -> `experts`: per-task stages form one group."""
+    return stage.split("@", 1)[0]
+
+
+def _pump(stream, sink, keep: list[bytes]) -> None:
+    """Copy a child's output to ours as it comes (progress bars included) and keep it."""
+    for chunk in iter(lambda: stream.read1(4096), b""):
+        keep.append(chunk)
+        if sink is not None:
+            sink.write(chunk)
+            sink.flush()
+
+
+def run_dvc(
+    args: list[str], project: Path, echo: bool = True, env: dict | None = None, timeout: float | None = None
+) -> tuple[int, str, str]:
+    """Run a DVC command in `project`, streaming its output live; returns (code, stdout, stderr).
+    Past `timeout` seconds the command and its children are killed and StageFailed is raised."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
+    proc = subprocess.Popen(
+        DVC + args, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, start_new_session=True
+    )
+    out: list[bytes] = []
+    err: list[bytes] = []
+    pumps = [
+        threading.Thread(target=_pump, args=(proc.stdout, sys.stdout.buffer if echo else None, out)),
+        threading.Thread(target=_pump, args=(proc.stderr, sys.stderr.buffer if echo else None, err)),
+    ]
+    for pump in pumps:
+        pump.start()
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the stage's own process too, not only dvc
+        proc.wait()
+        raise StageFailed(f"dvc {' '.join(args)}: timed out after {timeout:.0f} s") from None
+    finally:
+        for pump in pumps:
+            pump.join()
+    return code, b"".join(out).decode(errors="replace"), b"".join(err).decode(errors="replace")
+
+
+def error_message(stage: str, stdout: str, stderr: str) -> str:
+    """The stage's own error line(s) (`[stage] error: ...`) or else DVC's `ERROR:` lines."""
+    lines = (stdout + "\n" + stderr).splitlines()
+    own = [line for line in lines if "] error:" in line]
+    own_block = []
+    if own:  # the stage's message may continue on indented lines (params errors list every key)
+        start = lines.index(own[0])
+        own_block = [lines[start]] + [line for line in lines[start + 1 :] if line.startswith("  ")]
+    dvc_errors = [line for line in lines if line.startswith("ERROR:")]
+    return "\n".join(own_block or dvc_errors or lines[-5:]) or f"stage {stage} failed"
+
+
+def reproduce(stage: str, project: Path, echo: bool = True, timeout_seconds: float | None = None) -> StageOutcome:
+    """`dvc repro --single-item <stage>`: DVC runs it if stale, skips it otherwise."""
+    start = time.perf_counter()
+    # Progress bars are shown to a person even though the stage's output goes through a pipe.
+    env = {"CATMERGE_PROGRESS": "always"}
+    code, stdout, stderr = run_dvc(["repro", "--single-item", stage], project, echo, env, timeout_seconds)
+    if code != 0:
+        raise StageFailed(f"{stage}: {error_message(stage, stdout, stderr)}")
+    ran = f"Running stage '{stage}'" in stdout
+    return StageOutcome(stage, ran, time.perf_counter() - start)
+
+
+def apply_overrides(project: Path, overrides: list[str]) -> None:
+    """Set params the way `dvc exp run -S` does (same syntax: `[file:]key=value`, Hydra grammar),
+    validating the result before params.yaml is replaced, so a bad override changes nothing."""
+    if not overrides:
+        return
+    from dvc.utils.cli_parse import to_path_overrides
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+
+    for name, file_overrides in to_path_overrides(overrides).items():
+        path = project / name
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=project)
+        os.close(fd)
+        try:
+            shutil.copyfile(path, tmp)
+            dvc_apply_overrides(tmp, file_overrides)
+            if path.name == "params.yaml":
+                try:
+                    load_params(tmp)
+                except ParamsError as exc:  # name the real file and the overrides, not the temp copy
+                    raise ParamsError(str(exc).replace(tmp, f"{path} with {' '.join(file_overrides)}")) from None
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def save_experiment(project: Path, name: str | None) -> str:
+    """Record the workspace as a DVC experiment (what `dvc exp run` leaves behind)."""
+    # dvc.lock and the metrics are git files that a fresh project may not have committed yet
+    untracked = [a for path in ("dvc.lock", "metrics") if (project / path).exists() for a in ("--include-untracked", path)]
+    args = ["exp", "save", "--force", *untracked] + (["--name", name] if name else [])
+    code, stdout, stderr = run_dvc(args, project, echo=False)
+    if code != 0:
+        raise StageFailed(f"dvc exp save: {error_message('exp save', stdout, stderr)}")
+    return (stdout.strip().splitlines() or [""])[-1]

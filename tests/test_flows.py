@@ -1,0 +1,132 @@
+"""Prefect flows over the DVC pipeline, on the micro benchmark (one session-scoped Prefect harness)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from catmerge.io import sha256_file
+from conftest import MICRO_PARAMS, make_project, run
+
+DVC = [sys.executable, "-m", "dvc"]
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory):
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def flow_project(prefect_harness, tmp_path_factory):
+    """The micro benchmark built by the pipeline flow, in its own project."""
+    from flows.pipeline import pipeline
+
+    project = make_project(tmp_path_factory.mktemp("flow") / "project", MICRO_PARAMS)
+    os.environ["HF_HOME"] = str(project / ".hf")
+    result = pipeline(str(project))
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "built by the flow"], project)
+    return project, result
+
+
+def artifact_hashes(project) -> dict[str, str]:
+    return {str(p.relative_to(project)): sha256_file(p) for p in sorted((project / "data").rglob("*")) if p.is_file()}
+
+
+def test_flow_runs_every_stage_and_matches_dvc_repro(flow_project, micro_project):
+    from flows.dvc_repo import stage_order
+
+    project, result = flow_project
+    assert result["ran"] == stage_order(project)
+    assert [s["stage"] for s in result["stages"]] == result["ran"]
+    expected = json.loads((micro_project / "first_metrics.json").read_text())
+    assert json.loads((project / "metrics/metrics.json").read_text()) == expected
+    assert result["metrics"] == expected
+
+
+def test_second_flow_run_skips_every_stage_and_changes_nothing(flow_project):
+    from flows.pipeline import pipeline
+
+    project, _ = flow_project
+    before = artifact_hashes(project)
+    result = pipeline(str(project))
+    assert result["ran"] == [] and all(not s["ran"] for s in result["stages"])
+    assert artifact_hashes(project) == before
+
+
+def test_alpha_override_reruns_merge_and_evaluate_and_saves_an_experiment(flow_project):
+    from flows.pipeline import pipeline
+
+    project, _ = flow_project
+    result = pipeline(str(project), overrides=["merge.alpha=0.5"], experiment="alpha-half")
+    assert result["ran"] == ["merge", "evaluate"]
+    assert "merge:\n  methods:" in (project / "params.yaml").read_text() and "alpha: 0.5" in (project / "params.yaml").read_text()
+    experiments = run(DVC + ["exp", "list", "--name-only"], project).stdout.split()
+    assert "alpha-half" in experiments
+    # the same override through DVC itself gives the same merged weights
+    run(["git", "checkout", "-q", "--", "params.yaml"], project)
+    run(DVC + ["exp", "run", "-S", "merge.alpha=0.5", "--name", "alpha-half-dvc"], project)
+    assert "alpha-half-dvc" in run(DVC + ["exp", "list", "--name-only"], project).stdout.split()
+    assert json.loads((project / "metrics/metrics.json").read_text()) == result["metrics"]
+
+
+def test_stage_failure_fails_the_run_with_the_stage_message_and_keeps_artifacts(flow_project):
+    from flows.pipeline import pipeline
+
+    project, _ = flow_project
+    params_before = (project / "params.yaml").read_text()
+    before = artifact_hashes(project)
+    try:
+        with pytest.raises(Exception, match=r"bases: \[bases\] error: cat.c = 100: must be below the output width 16"):
+            pipeline(str(project), overrides=["cat.c=100"])
+        # DVC clears the failing stage's own outputs before running it; everything else is untouched
+        # and nothing half-written is left behind
+        after = artifact_hashes(project)
+        assert after == {k: v for k, v in before.items() if not k.startswith("data/bases/")}
+        assert not list((project / "data").rglob("*.tmp"))
+    finally:
+        (project / "params.yaml").write_text(params_before)
+    pipeline(str(project))  # reruns bases, or restores it from the run cache
+    assert artifact_hashes(project) == before
+    # an invalid override is refused before anything runs or is written
+    with pytest.raises(Exception, match=r"params.yaml with cat.c=-1:\n  cat.c = -1"):
+        pipeline(str(project), overrides=["cat.c=-1"])
+    assert (project / "params.yaml").read_text() == params_before
+
+
+def test_two_point_sweep_on_a_two_worker_dask_cluster(flow_project, tmp_path):
+    from distributed import LocalCluster
+
+    from flows.pipeline import run_sweep
+
+    project, _ = flow_project
+    run(["git", "add", "-A"], project)
+    subprocess.run(["git", "commit", "-qm", "state"], cwd=project, check=False, capture_output=True)
+    remote = tmp_path / "dvc-remote"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        rows = run_sweep(str(project), ["cat.alpha=0.2,0.6"], dask_address=cluster.scheduler_address, remote=str(remote))
+    assert [r["overrides"] for r in rows] == [["cat.alpha=0.2"], ["cat.alpha=0.6"]]
+    assert all(r["ran"] == ["evaluate", "merge"] for r in rows)  # upstream came from the remote
+    assert rows[0]["average"]["cat"] != rows[1]["average"]["cat"]
+    assert rows[0]["average"]["task_arithmetic"] == rows[1]["average"]["task_arithmetic"]
+    assert any(remote.rglob("*"))  # artifacts went through the DVC remote
+    experiments = run(DVC + ["exp", "list", "--name-only"], project).stdout.split()
+    assert {"sweep-0", "sweep-1"} <= set(experiments)
+
+
+def test_schedule_deployment_carries_the_cron_and_params(flow_project):
+    from flows.serve import deployment
+
+    project, _ = flow_project
+    deployment_ = deployment("nightly", "0 3 * * *", str(project), ["merge.alpha=0.4"])
+    assert deployment_.parameters == {"project": str(project.resolve()), "overrides": ["merge.alpha=0.4"]}
+    assert [s.schedule.cron for s in deployment_.schedules] == ["0 3 * * *"]
