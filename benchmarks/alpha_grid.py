@@ -6,6 +6,7 @@ accuracy of TA and CAT and their per-task test accuracy. The alpha of each metho
 validation only; test accuracy at that alpha is what the summary reports. Writes JSON.
 
     python benchmarks/alpha_grid.py --project . --out benchmarks/results/alpha_grid_seed0.json
+    python benchmarks/alpha_grid.py --summarize benchmarks/results/alpha_grid_seed*.json   # markdown tables
 """
 
 from __future__ import annotations
@@ -15,31 +16,20 @@ import json
 import statistics
 from pathlib import Path
 
-from catmerge.data import read_split
-from catmerge.evaluation import accuracy
-from catmerge.io import load_weights
+from built_project import BuiltProject
+
 from catmerge.merging import merge_method
 from catmerge.merging.cat import read_removals
-from catmerge.models import create_image_tower
-from catmerge.params import load_params
 
 ALPHAS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0]
 
 
 def measure(project: Path, alphas: list[float]) -> dict:
-    params = load_params(project / "params.yaml")
-    data = project / "data"
-    tasks = params.tasks
-    tower = create_image_tower(params.model)
-    theta0 = load_weights(data / "pretrained/image_tower.safetensors")
-    tvs = [load_weights(data / f"task_vectors/{t}.safetensors") for t in tasks]
-    heads = {t: load_weights(data / f"experts/{t}/head.safetensors")["weight"] for t in tasks}
-    splits = {(t, s): read_split(data / f"datasets/{t}/{s}.parquet") for t in tasks for s in ("val", "test")}
+    built = BuiltProject.load(project)
+    params, data, tasks = built.params, built.data, built.params.tasks
+    theta0, tvs = built.theta0, built.task_vectors
+    score = built.scorer()
     removals = read_removals(data / "bases", tasks)
-
-    def score(weights, split):
-        tower.load_state_dict(weights)
-        return {t: accuracy(tower, heads[t], splits[t, split].images, splits[t, split].labels) for t in tasks}
 
     def merged(method, alpha):
         if method == "cat":
@@ -66,12 +56,46 @@ def measure(project: Path, alphas: list[float]) -> dict:
     return out
 
 
+def summarize(paths: list[Path]) -> str:
+    """Mean ± sample sd over runs at each method's validation-chosen alpha, and the curves."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    tasks = runs[0]["params"]["tasks"]
+
+    def cell(values):
+        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+
+    def row_of(run, method):
+        return run[method]["test"] if method in ("task_arithmetic", "cat") else run[method]
+
+    lines = ["| model | " + " | ".join(tasks) + " | avg |", "|---" * (len(tasks) + 2) + "|"]
+    for method in ("pretrained", "weight_averaging", "task_arithmetic", "cat"):
+        cells = [cell([row_of(r, method)[t] for r in runs]) for t in tasks]
+        cells.append(cell([statistics.mean(row_of(r, method).values()) for r in runs]))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    alphas = list(runs[0]["task_arithmetic"]["curve"])
+    lines += ["", "| run | method | chosen alpha | test avg | " + " | ".join(f"val {a}" for a in alphas) + " |"]
+    lines.append("|---" * (len(alphas) + 4) + "|")
+    for path, run in zip(paths, runs):
+        for method in ("task_arithmetic", "cat"):
+            curve = run[method]["curve"]
+            vals = " | ".join(f"{curve[a]['val_average']:.1f}" for a in alphas)
+            test = statistics.mean(run[method]["test"].values())
+            lines.append(f"| {path.stem} | {method} | {run[method]['alpha']} | {test:.1f} | {vals} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", type=Path, default=Path("."))
     parser.add_argument("--alphas", type=float, nargs="+", default=ALPHAS)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--summarize", type=Path, nargs="+", help="print tables from earlier JSON outputs")
     args = parser.parse_args()
+    if args.summarize:
+        print(summarize(args.summarize))
+        return
+    if args.out is None:
+        parser.error("--out is required unless --summarize is given")
     result = measure(args.project, args.alphas)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

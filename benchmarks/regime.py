@@ -19,29 +19,20 @@ import json
 import statistics
 from pathlib import Path
 
-from catmerge.data import read_split
-from catmerge.evaluation import accuracy
+from built_project import BuiltProject
+
 from catmerge.io import load_weights
 from catmerge.merging import merge_method
-from catmerge.models import create_image_tower
-from catmerge.params import MergeParams, load_params
+from catmerge.params import MergeParams
 
 ALPHAS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0]
 
 
 def measure(project: Path) -> dict:
-    params = load_params(project / "params.yaml")
-    data = project / "data"
-    tasks = params.tasks
-    tower = create_image_tower(params.model)
-    theta0 = load_weights(data / "pretrained/image_tower.safetensors")
-    tvs = [load_weights(data / f"task_vectors/{t}.safetensors") for t in tasks]
-    heads = {t: load_weights(data / f"experts/{t}/head.safetensors")["weight"] for t in tasks}
-    splits = {(t, s): read_split(data / f"datasets/{t}/{s}.parquet") for t in tasks for s in ("val", "test")}
-
-    def score(weights, split, only=None):
-        tower.load_state_dict(weights)
-        return {t: accuracy(tower, heads[t], splits[t, split].images, splits[t, split].labels) for t in (only or tasks)}
+    built = BuiltProject.load(project)
+    data, tasks = built.data, built.params.tasks
+    theta0, tvs = built.theta0, built.task_vectors
+    score = built.scorer()
 
     out = {"pretrained": score(theta0, "test"), "expert": {}}
     for t in tasks:

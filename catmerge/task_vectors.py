@@ -48,6 +48,15 @@ def task_vector(
     return {k: expert[k].to(dtype) - v.to(dtype) for k, v in pretrained.items() if v.is_floating_point()}
 
 
+def load_task_vector(pretrained: StateDict, path) -> StateDict:
+    """A task vector file, checked against theta_0 (keys, shapes, float dtypes); errors name the file."""
+    from .io import load_weights
+
+    delta = load_weights(path)
+    check_task_vector(pretrained, delta, str(path))
+    return delta
+
+
 def apply_task_vector(pretrained: StateDict, delta: StateDict, scale: float = 1.0) -> StateDict:
     """theta_0 + scale * delta, computed in the delta's precision and returned in theta_0's dtypes;
     parameters without a delta are copied from theta_0."""

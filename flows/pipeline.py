@@ -51,6 +51,16 @@ def reproduce_stage(stage: str, project: str, timeout_seconds: float | None = No
     return asdict(outcome)
 
 
+def stage_task(stage: str, download_retries: int, download_timeout_seconds: float):
+    """The task (and its timeout) for a stage: stages that download retry with exponential backoff."""
+    if stage_group(stage) in DOWNLOAD_GROUPS:
+        retrying = reproduce_stage.with_options(
+            retries=download_retries, retry_delay_seconds=exponential_backoff(backoff_factor=10)
+        )
+        return retrying, download_timeout_seconds
+    return reproduce_stage, None
+
+
 def _publish(project: Path, key: str, title: str, extra: str = "") -> None:
     table = (project / RESULTS_TABLE).read_text() if (project / RESULTS_TABLE).is_file() else "(no results table)"
     create_markdown_artifact(key=key, markdown=f"## {title}\n\n{extra}{table}", description=title)
@@ -71,13 +81,8 @@ def pipeline(
     apply_overrides(root, overrides or [])
     outcomes = []
     for stage in stage_order(root):
-        if stage_group(stage) in DOWNLOAD_GROUPS:
-            runner = reproduce_stage.with_options(
-                retries=download_retries, retry_delay_seconds=exponential_backoff(backoff_factor=10)
-            )
-            outcomes.append(runner(stage, str(root), download_timeout_seconds))
-        else:
-            outcomes.append(reproduce_stage(stage, str(root)))
+        runner, timeout = stage_task(stage, download_retries, download_timeout_seconds)
+        outcomes.append(runner(stage, str(root), timeout))
     ran = [o["stage"] for o in outcomes if o["ran"]]
     logger.info("ran %d stage(s): %s; skipped %d up to date", len(ran), ", ".join(ran) or "none", len(outcomes) - len(ran))
     saved = save_experiment(root, experiment) if overrides else None
@@ -124,6 +129,10 @@ def run_experiment(project: str, overrides: list[str], name: str, remote: str | 
     workspace = Path(tempfile.mkdtemp(prefix=f"catmerge-{name}-"))
     try:
         _git(["clone", "-q", str(root), str(workspace)], root)
+        for key, fallback in (("user.name", "catmerge sweep"), ("user.email", "catmerge@localhost")):
+            # experiments are git commits: use the project's identity (a clone does not copy local config)
+            value = subprocess.run(["git", "config", key], cwd=root, capture_output=True, text=True, check=False).stdout.strip()
+            _git(["config", key, value or fallback], workspace)
         for name_ in ("params.yaml", "dvc.lock"):
             if (root / name_).is_file():
                 shutil.copyfile(root / name_, workspace / name_)

@@ -16,18 +16,14 @@ from catmerge.layout import BASES_DIR, PRETRAINED_TOWER, features_path, task_vec
 from catmerge.merging.cat import write_removals
 from catmerge.params import ParamsError, load_params
 from catmerge.progress import progress
-from catmerge.task_vectors import check_task_vector
+from catmerge.task_vectors import load_task_vector
 
 
 def main() -> None:
     params = load_params()
     p = params.cat
     pretrained = load_weights(PRETRAINED_TOWER)
-    task_vectors = []
-    for task in params.tasks:
-        delta = load_weights(task_vector_path(task))
-        check_task_vector(pretrained, delta, str(task_vector_path(task)))
-        task_vectors.append(delta)
+    task_vectors = [load_task_vector(pretrained, task_vector_path(task)) for task in params.tasks]
     features = [load_features(features_path(task)) for task in params.tasks]
     adapter_names = {meta.get("adapter") for _, _, meta in features}
     if len(adapter_names) != 1:

@@ -17,7 +17,7 @@ from catmerge.io import load_weights
 from catmerge.layout import PRETRAINED_TOWER, dataset_dir, features_path, task_vector_path
 from catmerge.models import create_image_tower, normalize_images
 from catmerge.params import ParamsError, load_params
-from catmerge.task_vectors import apply_task_vector, check_task_vector
+from catmerge.task_vectors import apply_task_vector, load_task_vector
 
 
 def main(task: str) -> None:
@@ -32,8 +32,7 @@ def main(task: str) -> None:
     chosen = torch.randperm(len(train.labels), generator=generator)[:count].sort().values
 
     pretrained = load_weights(PRETRAINED_TOWER)
-    delta = load_weights(task_vector_path(task))
-    check_task_vector(pretrained, delta, str(task_vector_path(task)))
+    delta = load_task_vector(pretrained, task_vector_path(task))
     tower = create_image_tower(params.model)
     tower.load_state_dict(apply_task_vector(pretrained, delta, params.cat.feature_alpha))
     adapter = adapter_for(tower)

@@ -5,17 +5,13 @@ from catmerge.io import load_weights, save_weights
 from catmerge.layout import BASES_DIR, PRETRAINED_TOWER, merged_path, task_vector_path
 from catmerge.merging import cat, merge_method
 from catmerge.params import load_params
-from catmerge.task_vectors import check_task_vector
+from catmerge.task_vectors import load_task_vector
 
 
 def main() -> None:
     params = load_params()
     pretrained = load_weights(PRETRAINED_TOWER)
-    task_vectors = []
-    for task in params.tasks:
-        delta = load_weights(task_vector_path(task))
-        check_task_vector(pretrained, delta, str(task_vector_path(task)))
-        task_vectors.append(delta)
+    task_vectors = [load_task_vector(pretrained, task_vector_path(task)) for task in params.tasks]
     for method in params.merge.methods:
         if method == "cat":  # also needs the bases stage's removals
             merged = cat.merge(pretrained, task_vectors, params.cat, cat.read_removals(BASES_DIR, params.tasks))

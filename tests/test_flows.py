@@ -130,3 +130,23 @@ def test_schedule_deployment_carries_the_cron_and_params(flow_project):
     deployment_ = deployment("nightly", "0 3 * * *", str(project), ["merge.alpha=0.4"])
     assert deployment_.parameters == {"project": str(project.resolve()), "overrides": ["merge.alpha=0.4"]}
     assert [s.schedule.cron for s in deployment_.schedules] == ["0 3 * * *"]
+
+
+def test_download_stages_retry_with_backoff_and_time_out(monkeypatch, tmp_path):
+    import time
+
+    from flows import dvc_repo
+    from flows.pipeline import stage_task
+
+    runner, timeout = stage_task("experts@mnist", 3, 60.0)
+    assert runner.retries == 3 and timeout == 60.0
+    assert list(runner.retry_delay_seconds) == [10, 20, 40]  # exponential backoff
+    runner, timeout = stage_task("merge", 3, 60.0)
+    assert runner.retries == 0 and timeout is None
+
+    # a stage past its timeout is killed (with its children) and reported
+    monkeypatch.setattr(dvc_repo, "DVC", [sys.executable, "-c", "import time; time.sleep(60)"])
+    start = time.perf_counter()
+    with pytest.raises(dvc_repo.StageFailed, match="timed out after 1 s"):
+        dvc_repo.run_dvc([], tmp_path, echo=False, timeout=1)
+    assert time.perf_counter() - start < 20
