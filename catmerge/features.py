@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .cat import LayerInput
-from .io import ArtifactError, load_weights, read_metadata, save_weights
+from .io import ArtifactError, load_weights, read_metadata
 
 ROWS, GRAM, SUM_SQUARES = "rows", "gram", "sum_squares"
 
@@ -29,10 +29,6 @@ def compress(captured: dict[str, torch.Tensor], norm_inputs: set[str]) -> dict[s
             x = rows.double()
             out[f"{name}.{GRAM}"] = x.T @ x
     return out
-
-
-def save_features(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict) -> None:
-    save_weights(tensors, path, metadata)
 
 
 def load_features(path: str | Path) -> tuple[dict[str, LayerInput], dict[str, torch.Tensor], dict]:

@@ -12,8 +12,8 @@ from catmerge.adapters import adapter_for
 from catmerge.benchmark.training import task_seed
 from catmerge.cli import check_task_argument, run_stage
 from catmerge.data import read_split
-from catmerge.features import compress, save_features
-from catmerge.io import load_weights
+from catmerge.features import compress
+from catmerge.io import load_weights, save_weights
 from catmerge.layout import PRETRAINED_TOWER, dataset_dir, features_path, task_vector_path
 from catmerge.models import create_image_tower, normalize_images
 from catmerge.params import ParamsError, load_params
@@ -47,7 +47,7 @@ def main(task: str) -> None:
     tensors = compress(captured, {p.input for p in pieces if p.family == "norm_scale"})
     rows = max(x.shape[0] for x in captured.values())  # tokens x exemplars (the patch embedding sees no class token)
     meta = {"task": task, "adapter": adapter.NAME, "exemplars": chosen.tolist(), "rows": rows, "feature_alpha": params.cat.feature_alpha}
-    save_features(tensors, features_path(task), meta)
+    save_weights(tensors, features_path(task), meta)
     print(f"{task}: {count} exemplars {chosen.tolist()}, {rows} rows per layer, {len(needed)} layer inputs")
 
 

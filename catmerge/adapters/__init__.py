@@ -9,7 +9,7 @@ BERT/RoBERTa) is one new module listed here.
 from types import ModuleType
 
 from . import open_clip_vit
-from .pieces import FAMILIES, Piece
+from .pieces import Piece
 
 ADAPTERS: dict[str, ModuleType] = {open_clip_vit.NAME: open_clip_vit}
 
@@ -27,4 +27,4 @@ def get_adapter(name: str) -> ModuleType:
     return ADAPTERS[name]
 
 
-__all__ = ["ADAPTERS", "FAMILIES", "Piece", "adapter_for", "get_adapter"]
+__all__ = ["ADAPTERS", "Piece", "adapter_for", "get_adapter"]

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 Family = Literal["linear", "norm_scale", "shift", "other"]
-FAMILIES: tuple[str, ...] = ("linear", "norm_scale", "shift", "other")
 
 
 @dataclass(frozen=True)
