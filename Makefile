@@ -18,7 +18,7 @@ export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND := Agg
 
-.PHONY: setup demo test lint clean
+.PHONY: setup browser demo test lint clean
 
 setup: $(STAMP)
 
@@ -33,7 +33,11 @@ demo: setup
 	@echo
 	@cat metrics/results.md
 
-test: setup
+# The report test opens reports/report.html in headless Chromium (Debian's package).
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: setup browser
 	$(PY) -m pytest -q
 
 lint: setup

@@ -91,6 +91,26 @@ def conflict_factors(k: int, deltas: list[Tensor], inputs: list[LayerInput], lam
     return torch.cat(blocks), torch.cat(weights)
 
 
+def conflict_terms(k: int, deltas: list[Tensor], inputs: list[LayerInput], basis: Tensor) -> dict[int, dict[str, float]]:
+    """The two terms of Eq. 10 for each i != k, in full and along B_k (what trimming removes):
+    conflict = ||X_k T_i^T||_F^2, the shift T_i causes in task k's features;
+    own      = ||X_i T_i^T||_F^2, task i's own signal, which the trim costs task i."""
+
+    def energy(x: LayerInput, delta: Tensor) -> tuple[float, float]:
+        if x.rows is not None:
+            shift = x.rows @ delta.T
+            return float(shift.square().sum()), float((shift @ basis).square().sum())
+        moved = delta @ x.gram @ delta.T
+        return float(moved.trace()), float((basis.T @ moved @ basis).trace())
+
+    out = {}
+    for i in range(len(deltas)):
+        if i != k:
+            (conflict, conflict_removed), (own, own_removed) = energy(inputs[k], deltas[i]), energy(inputs[i], deltas[i])
+            out[i] = {"conflict": conflict, "conflict_removed": conflict_removed, "own": own, "own_removed": own_removed}
+    return out
+
+
 def _top_eigenpairs_factored(factors: Tensor, weights: Tensor, with_null_space: bool) -> tuple[Tensor, Tensor]:
     """Eigenpairs of U^T diag(w) U through the m-dimensional space U spans: U^T = Q R, so
     G = Q (R diag(w) R^T) Q^T and only an (m, m) eigenproblem is left. The rest of R^d_out is

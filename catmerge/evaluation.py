@@ -59,24 +59,8 @@ def results_table(metrics: dict) -> str:
 
 
 def bar_chart(metrics: dict, path: str | Path) -> None:
-    import matplotlib
+    """The report's accuracy figure (per task and row), as a PNG file."""
+    from .report import accuracy_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    per_task = metrics["accuracy"]
-    tasks = list(per_task) + ["average"]
-    rows = list(metrics["average"])
-    width = 0.8 / len(rows)
-    fig, ax = plt.subplots(figsize=(1.3 * len(tasks) + 2, 4))
-    for i, r in enumerate(rows):
-        values = [per_task[t][r] for t in per_task] + [metrics["average"][r]]
-        ax.bar([x + i * width for x in range(len(tasks))], values, width, label=r)
-    ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(len(tasks))], tasks, rotation=30, ha="right")
-    ax.set_ylabel("test top-1 accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize="small", ncols=min(len(rows), 4), loc="upper center", bbox_to_anchor=(0.5, 1.18))
-    fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+        tmp.write_bytes(accuracy_figure(metrics))

@@ -31,3 +31,8 @@ def features_path(task: str) -> Path:
 
 
 BASES_DIR = DATA / "bases"
+SELECT_CACHE = DATA / "select_cache"
+SELECTION = METRICS_DIR / "selection.json"
+ALPHA_CURVES = METRICS_DIR / "alpha_curves"
+DECOMPOSITION = METRICS_DIR / "decomposition.json"
+REPORTS_DIR = Path("reports")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from itertools import product
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .benchmark.tasks import TASKS
 from .configs import known_configs
@@ -81,6 +82,29 @@ class CatParams(Strict):
     alpha: float = Field(default=0.4, gt=0, description="scaling of the summed trimmed task vectors")
 
 
+class TiesParams(Strict):
+    """TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint mean."""
+
+    k: float = Field(default=20.0, gt=0, le=100, description="percent of each task vector's entries kept per tensor, by magnitude")
+    alpha: float = Field(default=1.0, gt=0, description="scaling of the merged task vector")
+
+
+class RegMeanParams(Strict):
+    """RegMean (Jin et al., ICLR 2023): per linear layer, the weight that best matches every expert's
+    outputs on its own inputs; other parameters averaged."""
+
+    nondiagonal_scale: float = Field(
+        default=0.9, ge=0, le=1, description="off-diagonal entries of the Gram matrices are multiplied by this (1 = plain RegMean)"
+    )
+
+
+class PcbParams(Strict):
+    """PCB-Merging (Du et al., NeurIPS 2024): intra- and inter-task balancing, drop, rescale."""
+
+    drop_ratio: float = Field(default=0.9, ge=0, lt=1, description="fraction of each task vector's entries dropped, lowest balance first")
+    alpha: float = Field(default=1.0, gt=0, description="scaling of the merged task vector")
+
+
 class EvaluateParams(Strict):
     batch_size: int = Field(default=512, ge=1)
 
@@ -97,7 +121,12 @@ class Params(Strict):
     task_vectors: TaskVectorParams = TaskVectorParams()
     merge: MergeParams
     cat: CatParams = CatParams()
+    ties: TiesParams = TiesParams()
+    regmean: RegMeanParams = RegMeanParams()
+    pcb: PcbParams = PcbParams()
     evaluate: EvaluateParams = EvaluateParams()
+    # Candidate grids chosen on validation by stage `select`: {method: {param: [values]}}.
+    select: dict[str, dict[str, list[Any]]] = {}
 
     @field_validator("tasks")
     @classmethod
@@ -110,6 +139,57 @@ class Params(Strict):
         if model not in known_configs():
             raise ValueError(f"unknown model config {model!r}; known: {', '.join(known_configs())}")
         return model
+
+
+    @model_validator(mode="after")
+    def _valid_grids(self) -> Params:
+        for method, grid in self.select.items():
+            where = f"select.{method}"
+            if method not in METHOD_NAMES:
+                raise ValueError(f"{where}: unknown merge method; known: {', '.join(METHOD_NAMES)}")
+            base = method_params(self, method)
+            if base is None:
+                raise ValueError(f"{where}: {method} has no hyperparameters to choose")
+            allowed = [name for name in _field_names(base) if name not in NOT_SELECTABLE]
+            for key, values in grid.items():
+                if key not in allowed:
+                    raise ValueError(f"{where}.{key}: not a selectable param of {method}; allowed: {', '.join(allowed)}")
+                if not values:
+                    raise ValueError(f"{where}.{key}: the candidate list is empty")
+                for value in values:
+                    try:
+                        with_params(base, {key: value})
+                    except ValidationError as exc:
+                        raise ValueError(f"{where}.{key} = {value!r}: {exc.errors()[0]['msg']}") from None
+        return self
+
+
+# Params a `select` grid may not vary: the method list, and the features stage's inputs (sweep those
+# with `dvc exp run`, they rerun the features stage).
+NOT_SELECTABLE = {"methods", "exemplars", "feature_alpha"}
+# The params block of each method with hyperparameters (Task Arithmetic's alpha lives in `merge`).
+METHOD_BLOCKS = {"task_arithmetic": "merge", "ties": "ties", "regmean": "regmean", "pcb": "pcb", "cat": "cat"}
+
+
+def _field_names(model: BaseModel) -> list[str]:
+    return [info.alias or name for name, info in type(model).model_fields.items()]
+
+
+def method_params(params: Params, method: str) -> BaseModel | None:
+    """The params block a method reads (None for weight averaging)."""
+    block = METHOD_BLOCKS.get(method)
+    return None if block is None else getattr(params, block)
+
+
+def with_params(base: BaseModel, update: dict[str, Any]) -> BaseModel:
+    """`base` with `update` applied and validated (keys by their params.yaml names)."""
+    return type(base).model_validate({**base.model_dump(by_alias=True), **update})
+
+
+def candidates(params: Params, method: str) -> list[dict[str, Any]]:
+    """The grid points of `select.<method>` in grid order (one empty point without a grid)."""
+    grid = params.select.get(method, {})
+    return [dict(zip(grid, values)) for values in product(*grid.values())]
 
 
 class ParamsError(ValueError):
@@ -126,7 +206,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except ValidationError as exc:
         lines = [f"invalid params in {path}:"]
         for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "<root>"
-            value = err.get("input")
-            lines.append(f"  {key} = {value!r}: {err['msg']}")
+            if not err["loc"]:  # a check across keys: its message names them
+                lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
+                continue
+            key = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {key} = {err.get('input')!r}: {err['msg']}")
         raise ParamsError("\n".join(lines)) from None

@@ -1,24 +1,27 @@
-"""Stage `merge`: one merged image tower per method in `merge.methods`."""
+"""Stage `merge`: one merged image tower per method in `merge.methods`, with the hyperparameters
+the `select` stage chose on validation (a method without a grid uses its params block as is)."""
+
+import json
 
 from catmerge.cli import run_stage
-from catmerge.io import load_weights, save_weights
-from catmerge.layout import BASES_DIR, PRETRAINED_TOWER, merged_path, task_vector_path
-from catmerge.merging import cat, merge_method
+from catmerge.io import read_json, save_weights
+from catmerge.layout import SELECTION, merged_path
 from catmerge.params import load_params
-from catmerge.task_vectors import load_task_vector
+from catmerge.selection import chosen_params
+from catmerge.workspace import Workspace
 
 
 def main() -> None:
     params = load_params()
-    pretrained = load_weights(PRETRAINED_TOWER)
-    task_vectors = [load_task_vector(pretrained, task_vector_path(task)) for task in params.tasks]
+    selection = read_json(SELECTION)
+    workspace = Workspace(params)
     for method in params.merge.methods:
-        if method == "cat":  # also needs the bases stage's removals
-            merged = cat.merge(pretrained, task_vectors, params.cat, cat.read_removals(BASES_DIR, params.tasks))
-        else:
-            merged = merge_method(method)(pretrained, task_vectors, params.merge)
-        save_weights(merged, merged_path(method), {"method": method, "tasks": ",".join(params.tasks)})
-        print(f"merged {len(task_vectors)} task vectors with {method}")
+        method_params = chosen_params(params, selection, method)
+        merged = workspace.merged(method, method_params)
+        recorded = method_params.model_dump(by_alias=True) if method_params is not None else {}
+        meta = {"method": method, "tasks": ",".join(params.tasks), "params": json.dumps(recorded, sort_keys=True)}
+        save_weights(merged, merged_path(method), meta)
+        print(f"merged {len(params.tasks)} task vectors with {method} {selection['methods'][method]['chosen'] or ''}")
 
 
 if __name__ == "__main__":

@@ -35,10 +35,15 @@ MICRO_PARAMS = {
     "pretrain": {"steps": 30, "batch_size": 64, "lr": 3.0e-3, "weight_decay": 0.0, "warmup_steps": 3},
     "finetune": {"steps": 40, "batch_size": 64, "lr": 2.0e-3, "weight_decay": 0.0, "warmup_steps": 4},
     "task_vectors": {"dtype": "float64"},
-    "merge": {"methods": ["weight_averaging", "task_arithmetic", "cat"], "alpha": 0.3},
+    "merge": {"methods": ["weight_averaging", "task_arithmetic", "ties", "regmean", "pcb", "cat"], "alpha": 0.3},
     "cat": {"exemplars": 2, "feature_alpha": 1.0, "c": 2, "lambda": 1.0, "c_norm": None, "lambda_norm": None,
             "c_shift": None, "qkv": "split", "conv": False, "drop_nonpositive": True, "shift_score": "others", "rescale": True,
             "alpha": 0.3},
+    "ties": {"k": 20, "alpha": 1.0},
+    "regmean": {"nondiagonal_scale": 0.9},
+    "pcb": {"drop_ratio": 0.9, "alpha": 1.0},
+    # Task Arithmetic and CAT keep fixed params here, so their alpha params reach the merge directly.
+    "select": {"ties": {"k": [20, 40], "alpha": [0.5, 1.0]}, "pcb": {"alpha": [0.5, 1.0]}},
     "evaluate": {"batch_size": 256},
 }
 

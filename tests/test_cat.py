@@ -109,6 +109,30 @@ def test_two_tasks_without_rescale_leave_nothing_along_the_basis(layer, lam):
 
 
 @SETTINGS
+@given(layer=layers, c=st.integers(1, 3), lam=st.floats(0.0, 3.0))
+def test_conflict_terms_are_the_two_eq_10_terms_and_what_the_trim_removes(layer, c, lam):
+    deltas, inputs = random_layer(*layer)
+    k = 0
+    basis = cat.removal_basis(k, deltas, inputs, lam, c).basis
+    terms = cat.conflict_terms(k, deltas, inputs, basis)
+    from_gram = cat.conflict_terms(k, deltas, as_gram(inputs), basis)
+    for i, t in terms.items():
+        assert t == pytest.approx(from_gram[i], rel=1e-9, abs=1e-9)
+    assert sorted(terms) == list(range(1, len(deltas)))
+    # sum_i (conflict - lambda own) along B_k is the objective the basis captured, Tr(B^T G_k B)
+    captured = sum(t["conflict_removed"] - lam * t["own_removed"] for t in terms.values())
+    assert captured == pytest.approx(cat.removal_basis(k, deltas, inputs, lam, c).objective, rel=1e-8, abs=1e-8)
+    for i, t in terms.items():
+        trimmed = deltas[i] - basis @ (basis.T @ deltas[i])
+        left_conflict = (inputs[k].rows @ trimmed.T).square().sum().item()
+        left_own = (inputs[i].rows @ trimmed.T).square().sum().item()
+        # what is left after the trim is exactly the full term minus the part along B_k
+        assert left_conflict == pytest.approx(t["conflict"] - t["conflict_removed"], rel=1e-8, abs=1e-8)
+        assert left_own == pytest.approx(t["own"] - t["own_removed"], rel=1e-8, abs=1e-8)
+        assert 0.0 <= t["conflict_removed"] <= t["conflict"] * (1 + 1e-12) + 1e-12
+
+
+@SETTINGS
 @given(layer=layers, alpha=st.floats(0.05, 3.0))
 def test_bases_do_not_depend_on_alpha(layer, alpha):
     deltas, inputs = random_layer(*layer)

@@ -68,7 +68,7 @@ def test_alpha_override_reruns_merge_and_evaluate_and_saves_an_experiment(flow_p
 
     project, _ = flow_project
     result = pipeline(str(project), overrides=["merge.alpha=0.5"], experiment="alpha-half")
-    assert result["ran"] == ["merge", "evaluate"]
+    assert result["ran"] == ["select", "merge", "evaluate", "report"]
     assert "merge:\n  methods:" in (project / "params.yaml").read_text() and "alpha: 0.5" in (project / "params.yaml").read_text()
     experiments = run(DVC + ["exp", "list", "--name-only"], project).stdout.split()
     assert "alpha-half" in experiments
@@ -115,7 +115,7 @@ def test_two_point_sweep_on_a_two_worker_dask_cluster(flow_project, tmp_path):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         rows = run_sweep(str(project), ["cat.alpha=0.2,0.6"], dask_address=cluster.scheduler_address, remote=str(remote))
     assert [r["overrides"] for r in rows] == [["cat.alpha=0.2"], ["cat.alpha=0.6"]]
-    assert all(r["ran"] == ["evaluate", "merge"] for r in rows)  # upstream came from the remote
+    assert all(r["ran"] == ["evaluate", "merge", "report", "select"] for r in rows)  # upstream came from the remote
     assert rows[0]["average"]["cat"] != rows[1]["average"]["cat"]
     assert rows[0]["average"]["task_arithmetic"] == rows[1]["average"]["task_arithmetic"]
     assert any(remote.rglob("*"))  # artifacts went through the DVC remote

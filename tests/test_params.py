@@ -38,6 +38,15 @@ def test_repo_params_are_valid():
         ({"model": "ViT-H-14"}, r"model = 'ViT-H-14'.*known: micro-vit-minilm, mini-vit-minilm"),
         ({"pretrain__steps": "many"}, r"pretrain.steps = 'many'"),
         ({"finetune__learning_rate": 0.1}, r"finetune.learning_rate = 0.1: Extra inputs are not permitted"),
+        ({"ties__k": 0}, r"ties.k = 0: .*greater than 0"),
+        ({"pcb__drop_ratio": 1.0}, r"pcb.drop_ratio = 1.0: .*less than 1"),
+        ({"regmean__nondiagonal_scale": 1.5}, r"regmean.nondiagonal_scale = 1.5: .*less than or equal to 1"),
+        ({"select": {"fisher": {"alpha": [1.0]}}}, r"select.fisher: unknown merge method"),
+        ({"select": {"weight_averaging": {"alpha": [1.0]}}}, r"select.weight_averaging: weight_averaging has no hyperparameters"),
+        ({"select": {"ties": {"lambda": [1.0]}}}, r"select.ties.lambda: not a selectable param of ties; allowed: k, alpha"),
+        ({"select": {"cat": {"exemplars": [1, 2]}}}, r"select.cat.exemplars: not a selectable param of cat"),
+        ({"select": {"cat": {"alpha": [0.5, -1]}}}, r"select.cat.alpha = -1: .*greater than 0"),
+        ({"select": {"pcb": {"alpha": []}}}, r"select.pcb.alpha: the candidate list is empty"),
     ],
 )
 def test_bad_params_are_refused_with_the_key(tmp_path, change, expected):
@@ -48,3 +57,14 @@ def test_bad_params_are_refused_with_the_key(tmp_path, change, expected):
 def test_missing_params_file_is_named(tmp_path):
     with pytest.raises(ParamsError, match="missing params file: .*nope.yaml"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_select_grids_expand_in_grid_order():
+    from catmerge.params import Params, candidates, with_params
+
+    params = Params.model_validate({**MICRO_PARAMS, "select": {"cat": {"alpha": [0.3, 0.5], "lambda": [1.0, 2.0]}}})
+    points = candidates(params, "cat")
+    assert points == [{"alpha": 0.3, "lambda": 1.0}, {"alpha": 0.3, "lambda": 2.0}, {"alpha": 0.5, "lambda": 1.0}, {"alpha": 0.5, "lambda": 2.0}]
+    assert candidates(params, "task_arithmetic") == [{}]  # no grid: the fixed params only
+    chosen = with_params(params.cat, points[1])
+    assert (chosen.alpha, chosen.lambda_, chosen.c) == (0.3, 2.0, params.cat.c)

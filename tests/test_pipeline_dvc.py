@@ -16,6 +16,7 @@ MICRO_CLASS_NAMES = {t: TASKS[t].class_names for t in MICRO_PARAMS["tasks"]}
 
 DVC = [sys.executable, "-m", "dvc"]
 PER_TASK_STAGES = ("datasets", "experts", "task_vectors", "features")
+DOWNSTREAM = {"select", "merge", "evaluate", "report"}
 
 
 def ran_stages(output: str) -> set[str]:
@@ -25,7 +26,7 @@ def ran_stages(output: str) -> set[str]:
 def test_repro_builds_everything_then_only_what_changed(micro_project):
     first = (micro_project / "first_repro.log").read_text()
     tasks = MICRO_PARAMS["tasks"]
-    expected = {"pretrained", "bases", "merge", "evaluate"} | {
+    expected = {"pretrained", "bases", "select", "merge", "evaluate", "report"} | {
         f"{stage}@{t}" for stage in PER_TASK_STAGES for t in tasks
     }
     assert ran_stages(first) == expected
@@ -34,7 +35,7 @@ def test_repro_builds_everything_then_only_what_changed(micro_project):
     assert set(metrics["accuracy"]) == set(tasks)
     for task in tasks:
         row = metrics["accuracy"][task]
-        assert set(row) == {"pretrained", "expert", "weight_averaging", "task_arithmetic", "cat"}
+        assert set(row) == {"pretrained", "expert", *MICRO_PARAMS["merge"]["methods"]}
         assert all(0.0 <= v <= 100.0 for v in row.values())
     # Even the micro experts must learn their tasks: a wrong head or broken fine-tuning fails here.
     average = metrics["average"]
@@ -52,13 +53,13 @@ def test_repro_builds_everything_then_only_what_changed(micro_project):
     second = run(DVC + ["repro"], micro_project)
     assert ran_stages(second.stdout) == set()
 
-    # Changing alpha reruns only merge and evaluate.
+    # Changing alpha reruns selection (the other methods' scores come from its cache) and what follows.
     merged = {m: (micro_project / f"data/merged/{m}.safetensors").read_bytes() for m in ("weight_averaging", "task_arithmetic", "cat")}
     params = yaml.safe_load((micro_project / "params.yaml").read_text())
     params["merge"]["alpha"] = 0.5
     write_params(micro_project / "params.yaml", params)
     third = run(DVC + ["repro"], micro_project)
-    assert ran_stages(third.stdout) == {"merge", "evaluate"}
+    assert ran_stages(third.stdout) == DOWNSTREAM
     # weight averaging and CAT (cat.alpha) do not depend on merge.alpha: same bytes; task arithmetic does
     assert (micro_project / "data/merged/weight_averaging.safetensors").read_bytes() == merged["weight_averaging"]
     assert (micro_project / "data/merged/cat.safetensors").read_bytes() == merged["cat"]
@@ -67,9 +68,9 @@ def test_repro_builds_everything_then_only_what_changed(micro_project):
     # CAT's params rerun what reads them and nothing upstream.
     bases_before = (micro_project / "data/bases/mnist.safetensors").read_bytes()
     for key, value, stages in (
-        ("alpha", 0.5, {"merge", "evaluate"}),
-        ("c", 3, {"bases", "merge", "evaluate"}),
-        ("exemplars", 3, {f"features@{t}" for t in tasks} | {"bases", "merge", "evaluate"}),
+        ("alpha", 0.5, DOWNSTREAM),
+        ("c", 3, {"bases"} | DOWNSTREAM),
+        ("exemplars", 3, {f"features@{t}" for t in tasks} | {"bases"} | DOWNSTREAM),
     ):
         params["cat"][key] = value
         write_params(micro_project / "params.yaml", params)
@@ -78,11 +79,11 @@ def test_repro_builds_everything_then_only_what_changed(micro_project):
             assert (micro_project / "data/merged/cat.safetensors").read_bytes() != merged["cat"]
     assert (micro_project / "data/bases/mnist.safetensors").read_bytes() != bases_before
 
-    # Adding a task builds only that task's stages, then merge and evaluate.
+    # Adding a task builds only that task's stages, then the shared ones.
     params["tasks"] = params["tasks"] + ["mnist_parity"]
     write_params(micro_project / "params.yaml", params)
     fourth = run(DVC + ["repro"], micro_project)
     new = {f"{stage}@mnist_parity" for stage in PER_TASK_STAGES}
-    assert ran_stages(fourth.stdout) == new | {"bases", "merge", "evaluate"}
+    assert ran_stages(fourth.stdout) == new | {"bases"} | DOWNSTREAM
     metrics = json.loads((micro_project / "metrics/metrics.json").read_text())
     assert set(metrics["accuracy"]) == set(tasks) | {"mnist_parity"}

@@ -6,12 +6,13 @@ layout in docs/artifacts.md) and applies them.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from .. import cat
-from ..adapters import Piece
+from ..adapters import Piece, get_adapter
 from ..io import (
     ArtifactError,
     StateDict,
@@ -23,21 +24,89 @@ from ..io import (
     sha256_file,
     write_json,
 )
+from ..params import ParamsError
+from ..progress import progress
 from ..task_vectors import apply_task_vector
 
+# The CAT params the bases stage reads (dvc.yaml lists the same); the others are read by features or merge.
+BASES_PARAMS = ("c", "lambda", "c_norm", "lambda_norm", "c_shift", "qkv", "conv", "drop_nonpositive", "shift_score")
 MANIFEST = "manifest.json"
 DIAGNOSTICS = "diagnostics.json"
 
 
+def merged_vector(task_vectors: list[StateDict], params, removals) -> StateDict:
+    """sum_i trimmed T_i (independent of alpha); `removals` is (pieces, removals by piece name)."""
+    pieces, by_piece = removals
+    return cat.trimmed_sum(pieces, task_vectors, by_piece, params.rescale)
+
+
 def merge(pretrained: StateDict, task_vectors: list[StateDict], params, removals) -> StateDict:
     """`params` has `alpha` and `rescale`; `removals` is (pieces, removals by piece name)."""
-    pieces, by_piece = removals
-    return apply_task_vector(pretrained, cat.trimmed_sum(pieces, task_vectors, by_piece, params.rescale), params.alpha)
+    return apply_task_vector(pretrained, merged_vector(task_vectors, params, removals), params.alpha)
 
 
-def write_removals(directory: str | Path, tasks: list[str], pieces: list[Piece], by_piece: dict, info: dict) -> None:
+def settings(p) -> cat.Settings:
+    """`cat` params -> the algorithm's settings, with the norm and shift defaults resolved."""
+    return cat.Settings(
+        c=p.c,
+        lam=p.lambda_,
+        c_norm=p.c if p.c_norm is None else p.c_norm,
+        lambda_norm=p.lambda_ if p.lambda_norm is None else p.lambda_norm,
+        c_shift=p.c if p.c_shift is None else p.c_shift,
+        drop_nonpositive=p.drop_nonpositive,
+        shift_score=p.shift_score,
+    )
+
+
+def resolved_params(p) -> dict:
+    """The bases params with defaults resolved, as recorded in the manifest."""
+    resolved = dataclasses.asdict(settings(p))
+    resolved["lambda"] = resolved.pop("lam")
+    return {**resolved, "qkv": p.qkv, "conv": p.conv}
+
+
+def compute_removals(pretrained: StateDict, task_vectors: list[StateDict], features: list, p, names: list[str]):
+    """(pieces, removals by piece, manifest info) for `cat` params `p`. `features[k]` is task k's
+    `load_features` triple and `names[k]` its file (for errors)."""
+    adapter_names = {meta.get("adapter") for _, _, meta in features}
+    if len(adapter_names) != 1:
+        raise ArtifactError(f"features {names} come from different adapters: {sorted(map(str, adapter_names))}")
+    adapter = get_adapter(adapter_names.pop())
+    shapes = {k: tuple(v.shape) for k, v in pretrained.items() if v.is_floating_point()}
+    pieces = adapter.pieces(shapes, p.qkv, p.conv)
+    for piece in pieces:
+        width = piece.stop - piece.start
+        if piece.family == "linear" and p.c >= width:
+            raise ParamsError(f"cat.c = {p.c}: must be below the output width {width} of {piece.name}")
+        for key, value in (("c_norm", p.c_norm), ("c_shift", p.c_shift)):
+            if value is not None and value > width and piece.family == ("norm_scale" if key == "c_norm" else "shift"):
+                raise ParamsError(f"cat.{key} = {value}: more than the {width} coordinates of {piece.name}")
+        for name, (linear, sums, _) in zip(names, features):
+            if piece.input is not None and piece.input not in (linear if piece.family == "linear" else sums):
+                raise ArtifactError(f"{name}: no features for {piece.input} (needed by {piece.name})")
+    inputs = [(linear, sums) for linear, sums, _ in features]
+    removals = cat.model_removals(progress(pieces, "bases"), task_vectors, inputs, settings(p))
+    return pieces, removals, {"adapter": adapter.NAME, "params": resolved_params(p)}
+
+
+def conflict_diagnostics(pieces: list[Piece], task_vectors: list[StateDict], features: list, by_piece: dict) -> dict:
+    """Per linear piece and task k: `cat.conflict_terms` for every other task i (by index)."""
+    out = {}
+    for piece in pieces:
+        if piece.family != "linear":
+            continue
+        deltas = [cat._as_matrix(piece, piece.of(tv[piece.key]).double()) for tv in task_vectors]
+        inputs = [linear[piece.input] for linear, _, _ in features]
+        out[piece.name] = [cat.conflict_terms(k, deltas, inputs, r.basis) for k, r in enumerate(by_piece[piece.name])]
+    return out
+
+
+def write_removals(
+    directory: str | Path, tasks: list[str], pieces: list[Piece], by_piece: dict, info: dict, terms: dict | None = None
+) -> None:
     """One safetensors file per task (`<piece>.basis` / `<piece>.mask`), the piece list and the
-    diagnostics (kept eigenvalues or scores, objective captured, trace), written as one directory."""
+    diagnostics (kept eigenvalues or scores, objective captured, trace, and for linear pieces the
+    Eq. 10 terms per task pair from `conflict_diagnostics`), written as one directory."""
     with atomic_dir(directory) as out:
         for k, task in enumerate(tasks):
             tensors = {}
@@ -50,10 +119,15 @@ def write_removals(directory: str | Path, tasks: list[str], pieces: list[Piece],
                 else:
                     tensors[f"{piece.name}.mask"] = removal.mask.to(torch.int64)
             save_weights(tensors, out / f"{task}.safetensors", {"task": task})
-        diagnostics = {
-            name: {task: {"kept": r.kept, "objective": r.objective, "trace": r.trace} for task, r in zip(tasks, rs)}
-            for name, rs in by_piece.items()
-        }
+        terms = terms or {}
+        diagnostics = {}
+        for name, rs in by_piece.items():
+            diagnostics[name] = {}
+            for k, (task, r) in enumerate(zip(tasks, rs)):
+                entry = {"kept": r.kept, "objective": r.objective, "trace": r.trace}
+                if name in terms:
+                    entry["pairs"] = {tasks[i]: values for i, values in terms[name][k].items()}
+                diagnostics[name][task] = entry
         write_json(diagnostics, out / DIAGNOSTICS)
         files = [file_record(out / f"{task}.safetensors", out, "bases") for task in tasks]
         write_json({**info, "tasks": tasks, "pieces": [p.to_json() for p in pieces], "files": files}, out / MANIFEST)

@@ -1,0 +1,50 @@
+"""Where a merge loses accuracy, task by task, split into dilution and interference per family.
+
+For task k at Task Arithmetic's alpha, with accuracies on task k:
+    expert  E_k = acc(theta_k)
+    solo    S_k = acc(theta_0 + alpha T_k)                      task k's own vector, scaled
+    merged  A_k = acc(theta_0 + alpha sum_i T_i)
+    without R_kf = acc(theta_0 + alpha T_k + alpha sum_{i != k} T_i outside family f)
+so E_k - A_k = dilution (E_k - S_k) + interference (S_k - A_k), and R_kf - A_k is the accuracy
+task k gets back when the other tasks' deltas leave family f (linear weights, norm scales,
+shifts, other): where the cross-task interference sits.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from .adapters import adapter_for
+from .task_vectors import apply_task_vector, sum_task_vectors
+from .workspace import Workspace
+
+FAMILIES = ("linear", "norm_scale", "shift", "other")
+
+
+def families(ws: Workspace) -> dict[str, str]:
+    """Parameter key -> family, from the architecture's adapter."""
+    adapter = adapter_for(ws.tower)
+    shapes = {k: tuple(v.shape) for k, v in ws.pretrained.items() if v.is_floating_point()}
+    return {p.key: p.family for p in adapter.pieces(shapes, "fused")}
+
+
+def decompose(ws: Workspace, alpha: float, experts: dict[str, float], split: str = "test") -> dict:
+    family_of = families(ws)
+    tasks = ws.params.tasks
+    total = sum_task_vectors(ws.task_vectors)
+    merged = ws.score(apply_task_vector(ws.pretrained, total, alpha), split)
+    per_task = {}
+    for k, task in enumerate(tasks):
+        own = ws.task_vectors[k]
+        row = {"expert": experts[task], "merged": merged[task]}
+        row["solo"] = ws.score(apply_task_vector(ws.pretrained, own, alpha), split, [task])[task]
+        for family in FAMILIES:
+            delta = {key: own[key] if family_of.get(key, "other") == family else total[key] for key in total}
+            row[f"without_{family}"] = ws.score(apply_task_vector(ws.pretrained, delta, alpha), split, [task])[task]
+        row["dilution"] = row["expert"] - row["solo"]
+        row["interference"] = row["solo"] - row["merged"]
+        for family in FAMILIES:
+            row[f"interference_{family}"] = row[f"without_{family}"] - row["merged"]
+        per_task[task] = row
+    average = {key: statistics.mean(r[key] for r in per_task.values()) for key in next(iter(per_task.values()))}
+    return {"alpha": alpha, "split": split, "tasks": per_task, "average": average}

@@ -1,0 +1,71 @@
+"""RegMean (Jin et al., ICLR 2023): per linear weight, the weight whose outputs best match every
+expert's outputs on that expert's own inputs; every other parameter is averaged.
+
+  G_i   = X_i^T X_i,  regularised  G_i <- s G_i + (1 - s) diag(G_i)       (s = nondiagonal_scale)
+  W*    = argmin_W sum_i ||X_i W^T - X_i W_i^T||^2 = (sum_i W_i G_i)(sum_i G_i)^-1,   W_i = theta_0 + T_i
+        = theta_0 + T*,  T* = (sum_i T_i G_i)(sum_i G_i)^-1          (sum_i G_i theta_0 cancels)
+  other = theta_0 + (1/K) sum_i T_i
+
+Computed in float64, returned in theta_0's dtypes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters import Piece
+from ..cat import LayerInput
+from ..io import ArtifactError, StateDict
+from ..task_vectors import apply_task_vector
+
+
+def _gram(piece: Piece, inputs: list[dict[str, LayerInput]], d_in: int, scale: float) -> list[torch.Tensor]:
+    grams = []
+    for k, by_name in enumerate(inputs):
+        if piece.input not in by_name:
+            raise ArtifactError(f"RegMean: no input {piece.input!r} of piece {piece.name} for task {k}")
+        x = by_name[piece.input]
+        # Rows squared in float64 (a float32 Gram of float32 rows would lose digits).
+        g = x.rows.double().T @ x.rows.double() if x.rows is not None else x.gram.double()
+        if g.shape != (d_in, d_in):
+            raise ArtifactError(
+                f"RegMean: input {piece.input!r} of piece {piece.name} (task {k}) has Gram {tuple(g.shape)}, "
+                f"the weight has d_in = {d_in}"
+            )
+        grams.append(scale * g + (1.0 - scale) * torch.diag(torch.diagonal(g)))
+    return grams
+
+
+def solve(deltas: list[torch.Tensor], grams: list[torch.Tensor]) -> torch.Tensor:
+    """T* = (sum_i T_i G_i)(sum_i G_i)^+ for (d_out, d_in) deltas, as the transposed system
+    (sum G) T*^T = sum_i G_i T_i^T. sum G may be singular (fewer feature rows than d_in): the
+    right-hand side lies in its range, and gelsd's minimum-norm solution has no component on its
+    null space, so directions no task's input ever reaches keep theta_0."""
+    total = sum(grams)
+    rhs = sum(g @ d.T for g, d in zip(grams, deltas))
+    return torch.linalg.lstsq(total, rhs, driver="gelsd").solution.T
+
+
+def merge(
+    pretrained: StateDict,
+    task_vectors: list[StateDict],
+    params,
+    pieces: list[Piece],
+    inputs: list[dict[str, LayerInput]],
+) -> StateDict:
+    """`params` is a RegMeanParams; `inputs[k]` holds task k's captured inputs by name."""
+    if len(inputs) != len(task_vectors):
+        raise ValueError(f"RegMean: {len(inputs)} input sets for {len(task_vectors)} task vectors")
+    count = len(task_vectors)
+    # Start from the average everywhere; the linear pieces' rows are then overwritten.
+    merged = {key: sum(tv[key].double() for tv in task_vectors) / count for key in task_vectors[0]}
+    for piece in pieces:
+        if piece.family != "linear" or piece.input is None or piece.key not in merged:
+            continue
+        blocks = [piece.of(tv[piece.key].double()) for tv in task_vectors]
+        shape = blocks[0].shape
+        # A conv kernel (d_out, c, kh, kw) acts as a linear map on unfolded patches.
+        deltas = [b.reshape(shape[0], -1) for b in blocks]
+        grams = _gram(piece, inputs, deltas[0].shape[1], params.nondiagonal_scale)
+        piece.of(merged[piece.key]).copy_(solve(deltas, grams).reshape(shape))
+    return apply_task_vector(pretrained, merged)

@@ -1,0 +1,111 @@
+"""A project's built artifacts (`data/`, layout in docs/artifacts.md), loaded on first use, for
+the stages that build merged models and score them: select (validation), merge and evaluate (test).
+
+Splits are read only when asked for, so a stage that never asks for "test" never opens a test file.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from . import layout
+from .data import read_split
+from .evaluation import accuracy, load_head
+from .features import load_features
+from .io import StateDict, load_weights, read_json
+from .merging import cat as cat_merge
+from .merging import method_module
+from .models import create_image_tower
+from .params import Params
+from .task_vectors import apply_task_vector
+
+
+class Workspace:
+    def __init__(self, params: Params, root: str | Path = "."):
+        self.params = params
+        self.root = Path(root)
+        self._splits: dict[tuple[str, str], object] = {}
+        self._removals: dict[str, tuple] = {}
+        self._last_vector: tuple = (None, None)  # (method and params but alpha, tau_m): one model's worth
+
+    def path(self, relative: Path) -> Path:
+        return self.root / relative
+
+    @cached_property
+    def pretrained(self) -> StateDict:
+        return load_weights(self.path(layout.PRETRAINED_TOWER))
+
+    @cached_property
+    def task_vectors(self) -> list[StateDict]:
+        from .task_vectors import load_task_vector
+
+        return [load_task_vector(self.pretrained, self.path(layout.task_vector_path(t))) for t in self.params.tasks]
+
+    @cached_property
+    def features(self) -> list:
+        return [load_features(self.path(layout.features_path(t))) for t in self.params.tasks]
+
+    def removals(self, cat_params) -> tuple:
+        """CAT's (pieces, removals): the bases stage's when it used these bases params, else computed
+        here from the features (a `select` grid over c or lambda)."""
+        wanted = cat_merge.resolved_params(cat_params)
+        key = repr(sorted(wanted.items()))
+        if key not in self._removals:
+            manifest = read_json(self.path(layout.BASES_DIR / cat_merge.MANIFEST))
+            if manifest.get("params") == wanted:
+                self._removals[key] = cat_merge.read_removals(self.path(layout.BASES_DIR), self.params.tasks)
+            else:
+                names = [str(self.path(layout.features_path(t))) for t in self.params.tasks]
+                pieces, by_piece, _ = cat_merge.compute_removals(self.pretrained, self.task_vectors, self.features, cat_params, names)
+                self._removals[key] = (pieces, by_piece)
+        return self._removals[key]
+
+    def regmean_inputs(self) -> tuple[list, list]:
+        """(linear pieces, q/k/v fused, and each task's linear-layer inputs by name) for RegMean."""
+        from .adapters import get_adapter
+
+        adapter = get_adapter(self.features[0][2].get("adapter", ""))
+        shapes = {k: tuple(v.shape) for k, v in self.pretrained.items() if v.is_floating_point()}
+        pieces = [p for p in adapter.pieces(shapes, "fused") if p.family == "linear"]
+        return pieces, [linear for linear, _, _ in self.features]
+
+    def merged(self, method: str, method_params) -> StateDict:
+        """The merged image tower of `method` with `method_params` (that method's params block).
+        For theta_0 + alpha * tau_m methods, tau_m is kept for the other alphas of a grid."""
+        module = method_module(method)
+        extra = ()
+        if method == "cat":
+            extra = (self.removals(method_params),)
+        elif method == "regmean":
+            extra = self.regmean_inputs()
+        if not hasattr(module, "merged_vector"):
+            return module.merge(self.pretrained, self.task_vectors, method_params, *extra)
+        key = (method, repr(sorted(method_params.model_dump(exclude={"alpha"}).items())))
+        if key != self._last_vector[0]:
+            self._last_vector = (key, module.merged_vector(self.task_vectors, method_params, *extra))
+        return apply_task_vector(self.pretrained, self._last_vector[1], method_params.alpha)
+
+    # ---- scoring ------------------------------------------------------------------------------
+
+    def split(self, task: str, name: str):
+        if (task, name) not in self._splits:
+            self._splits[task, name] = read_split(self.path(layout.dataset_dir(task) / f"{name}.parquet"))
+        return self._splits[task, name]
+
+    @cached_property
+    def heads(self) -> dict:
+        return {t: load_head(self.path(layout.expert_dir(t) / "head.safetensors")) for t in self.params.tasks}
+
+    @cached_property
+    def tower(self):
+        return create_image_tower(self.params.model)
+
+    def score(self, weights: StateDict, split: str, tasks: list[str] | None = None) -> dict[str, float]:
+        """Top-1 accuracy (%) of `weights` on each task's `split`."""
+        self.tower.load_state_dict(weights)
+        out = {}
+        for task in tasks or self.params.tasks:
+            data = self.split(task, split)
+            out[task] = accuracy(self.tower, self.heads[task], data.images, data.labels, self.params.evaluate.batch_size)
+        return out

@@ -1,0 +1,44 @@
+"""Stage `report`: reports/report.md and a self-contained reports/report.html (catmerge/report.py)
+from the evaluate, select and bases outputs, with the params and artifact hashes they came from."""
+
+from catmerge import report
+from catmerge.cli import run_stage
+from catmerge.io import read_json, sha256_file
+from catmerge.layout import (
+    BASES_DIR,
+    DECOMPOSITION,
+    METRICS_DIR,
+    PRETRAINED_TOWER,
+    REPORTS_DIR,
+    SELECTION,
+    merged_path,
+    task_vector_path,
+)
+from catmerge.params import load_params
+from catmerge.selection import alpha_curve
+
+
+def main() -> None:
+    params = load_params()
+    metrics = read_json(METRICS_DIR / "metrics.json")
+    selection = read_json(SELECTION)
+    curves = {m: c for m, e in selection["methods"].items() if (c := alpha_curve(e))}
+    blocks, figures = report.comparison(metrics, selection)
+    for section in (
+        report.sensitivity(selection, curves),
+        report.decomposition_section(read_json(DECOMPOSITION)),
+        report.conflict_section(read_json(BASES_DIR / "diagnostics.json"), params.tasks)
+        if "cat" in params.merge.methods else ([], {}),
+    ):
+        blocks += section[0]
+        figures.update(section[1])
+    artifacts = [PRETRAINED_TOWER, *(task_vector_path(t) for t in params.tasks), BASES_DIR / "manifest.json",
+                 *(merged_path(m) for m in params.merge.methods), SELECTION]
+    hashes = {str(path): sha256_file(path) for path in artifacts}
+    blocks += report.provenance(params.model_dump(by_alias=True), hashes)
+    report.write_report(REPORTS_DIR, f"catmerge report: {len(params.tasks)} tasks, {params.model}", blocks, figures)
+    print(f"wrote {REPORTS_DIR}/report.md and report.html ({len(figures)} figures)")
+
+
+if __name__ == "__main__":
+    run_stage("report", main)

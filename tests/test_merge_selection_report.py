@@ -1,0 +1,115 @@
+"""Stage `select` (validation only, cached), the loss decomposition and the report, on the micro benchmark."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import MICRO_PARAMS, run, write_params
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def project_copy(micro_project, tmp_path_factory) -> Path:
+    """A copy of the built micro project (its own params and select cache) without any test split."""
+    copy = tmp_path_factory.mktemp("select") / "project"
+    shutil.copytree(micro_project, copy, ignore=shutil.ignore_patterns(".dvc", ".git"))
+    for test_split in (copy / "data/datasets").glob("*/test.parquet"):
+        test_split.unlink()
+    shutil.rmtree(copy / "data/select_cache")
+    return copy
+
+
+def run_select(project: Path) -> str:
+    return run([sys.executable, "-m", "stages.select"], project).stdout
+
+
+def test_selection_never_reads_a_test_split(micro_project, project_copy):
+    # Every test split is gone and the cache is empty: each candidate is scored again, from val only.
+    output = run_select(project_copy)
+    candidates = 1 + 1 + 4 + 1 + 2 + 1  # weight averaging, TA, ties 2x2, regmean, pcb 2, cat
+    assert f"select: {candidates} candidates evaluated, 0 from the cache" in output
+    assert json.loads((project_copy / "metrics/selection.json").read_text()) == json.loads(
+        (micro_project / "metrics/selection.json").read_text()
+    )
+
+
+def test_a_grid_extended_by_one_value_costs_one_evaluation(project_copy):
+    run_select(project_copy)  # (cache filled by the test above, or here)
+    params = yaml.safe_load((project_copy / "params.yaml").read_text())
+    params["select"]["pcb"]["alpha"].append(1.5)
+    write_params(project_copy / "params.yaml", params)
+    output = run_select(project_copy)
+    assert "select: 1 candidates evaluated, 10 from the cache" in output
+    selection = json.loads((project_copy / "metrics/selection.json").read_text())
+    pcb = selection["methods"]["pcb"]
+    assert [row["point"] for row in pcb["candidates"]] == [{"alpha": 0.5}, {"alpha": 1.0}, {"alpha": 1.5}]
+    best = max(row["average"] for row in pcb["candidates"])
+    assert pcb["average"] == best and pcb["params"]["alpha"] == pcb["chosen"]["alpha"]
+    assert pcb["at_grid_edge"] == (["alpha"] if pcb["chosen"]["alpha"] in (0.5, 1.5) else [])
+
+
+def test_merge_uses_the_chosen_params_and_evaluate_decomposes_task_arithmetic(micro_project):
+    from catmerge.io import read_metadata
+
+    selection = json.loads((micro_project / "metrics/selection.json").read_text())
+    for method, entry in selection["methods"].items():
+        recorded = json.loads(read_metadata(micro_project / f"data/merged/{method}.safetensors")["params"])
+        assert recorded == entry["params"]
+        assert entry["average"] == max(row["average"] for row in entry["candidates"])
+    metrics = json.loads((micro_project / "metrics/metrics.json").read_text())
+    decomposition = json.loads((micro_project / "metrics/decomposition.json").read_text())
+    assert decomposition["alpha"] == MICRO_PARAMS["merge"]["alpha"]
+    for task, row in decomposition["tasks"].items():
+        # the decomposition's merged model is the Task Arithmetic model evaluate scored
+        assert row["merged"] == metrics["accuracy"][task]["task_arithmetic"]
+        assert row["expert"] == metrics["accuracy"][task]["expert"]
+        assert row["dilution"] + row["interference"] == pytest.approx(row["expert"] - row["merged"])
+        assert set(row) >= {f"interference_{f}" for f in ("linear", "norm_scale", "shift", "other")}
+
+
+def test_report_has_every_task_and_method_and_renders_in_chromium(micro_project, tmp_path):
+    report_md = (micro_project / "reports/report.md").read_text()
+    report_html = (micro_project / "reports/report.html").read_text()
+    rows = [line for line in report_md.splitlines() if line.startswith("| ")]
+    header = rows[0]
+    for task in MICRO_PARAMS["tasks"]:
+        assert f" {task} |" in header
+    for row_name in ["pretrained", "expert", *MICRO_PARAMS["merge"]["methods"]]:
+        assert any(line.startswith(f"| {row_name} |") for line in rows), row_name
+    for section in ("Alpha sensitivity", "Where the loss comes from", "CAT conflict diagnostics", "Made from"):
+        assert f"## {section}" in report_md and section in report_html
+    assert "data/merged/cat.safetensors" in report_md  # artifact hashes
+    # self-contained: every image inline, nothing fetched, no scripts
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", report_html) and "<script" not in report_html
+    images = re.findall(r'<img [^>]*src="data:image/png;base64,', report_html)
+    assert len(images) == len(list((micro_project / "reports/figures").glob("*.png"))) >= 5
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "headless Chromium is needed (make test installs Debian's chromium)"
+    # A copy of the page with a probe that records, after load, what the browser actually decoded.
+    probe = """<script>window.addEventListener('load', () => {
+      const imgs = [...document.images];
+      document.body.setAttribute('data-probe', JSON.stringify({
+        images: imgs.length, decoded: imgs.filter(i => i.complete && i.naturalWidth > 100).length,
+        tables: document.querySelectorAll('table').length, rows: document.querySelectorAll('tr').length,
+        title: document.querySelector('h1').textContent}));});</script>"""
+    page = tmp_path / "report.html"
+    page.write_text(report_html.replace("</body>", probe + "</body>"))
+    proc = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
+                           "--dump-dom", page.as_uri()], check=False, capture_output=True, text=True, timeout=120)
+    found = re.search(r"data-probe=\"([^\"]+)\"", proc.stdout)
+    assert found, proc.stderr[-2000:]
+    probe_result = json.loads(found.group(1).replace("&quot;", '"'))
+    assert probe_result["images"] == len(images) and probe_result["decoded"] == len(images)
+    assert probe_result["tables"] >= 4 and probe_result["rows"] > 2 + len(MICRO_PARAMS["merge"]["methods"])
+    assert probe_result["title"].startswith("catmerge report")
