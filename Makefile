@@ -32,6 +32,7 @@ demo: setup
 	dvc repro
 	@echo
 	@cat metrics/results.md
+	@echo "Chosen hyperparameters: metrics/selection.json. Full report: reports/report.html (or reports/report.md)."
 
 # The report test opens reports/report.html in headless Chromium (Debian's package).
 browser:

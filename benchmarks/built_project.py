@@ -1,47 +1,39 @@
-"""A built pipeline (a project's `data/` after `dvc repro`) loaded for the benchmark scripts."""
+"""A built pipeline (a project's `data/` after `dvc repro`) for the benchmark scripts: the
+library's `Workspace`, under the names these scripts use."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from catmerge.data import read_split
-from catmerge.evaluation import accuracy
-from catmerge.io import load_weights
-from catmerge.models import create_image_tower
-from catmerge.params import Params, load_params
+from catmerge.params import load_params
+from catmerge.workspace import Workspace
 
 
 @dataclass
 class BuiltProject:
-    params: Params
-    data: Path
-    theta0: dict
-    task_vectors: list
-    heads: dict
-    splits: dict
+    workspace: Workspace
 
     @classmethod
-    def load(cls, project: Path, splits: tuple[str, ...] = ("val", "test")) -> BuiltProject:
-        params = load_params(project / "params.yaml")
-        data = project / "data"
-        tasks = params.tasks
-        return cls(
-            params=params,
-            data=data,
-            theta0=load_weights(data / "pretrained/image_tower.safetensors"),
-            task_vectors=[load_weights(data / f"task_vectors/{t}.safetensors") for t in tasks],
-            heads={t: load_weights(data / f"experts/{t}/head.safetensors")["weight"] for t in tasks},
-            splits={(t, s): read_split(data / f"datasets/{t}/{s}.parquet") for t in tasks for s in splits},
-        )
+    def load(cls, project: Path) -> BuiltProject:
+        return cls(Workspace(load_params(Path(project) / "params.yaml"), project))
+
+    @property
+    def params(self):
+        return self.workspace.params
+
+    @property
+    def data(self) -> Path:
+        return self.workspace.root / "data"
+
+    @property
+    def theta0(self) -> dict:
+        return self.workspace.pretrained
+
+    @property
+    def task_vectors(self) -> list:
+        return self.workspace.task_vectors
 
     def scorer(self):
         """score(weights, split, only=None) -> {task: accuracy %} with one reused tower."""
-        tower = create_image_tower(self.params.model)
-
-        def score(weights, split: str, only: list[str] | None = None) -> dict[str, float]:
-            tower.load_state_dict(weights)
-            tasks = only or self.params.tasks
-            return {t: accuracy(tower, self.heads[t], self.splits[t, split].images, self.splits[t, split].labels) for t in tasks}
-
-        return score
+        return self.workspace.score

@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    built = BuiltProject.load(args.project, splits=("val",))
+    built = BuiltProject.load(args.project)
     params, data, tasks = built.params, built.data, built.params.tasks
     theta0, tvs = built.theta0, built.task_vectors
     score = built.scorer()

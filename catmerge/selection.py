@@ -13,11 +13,14 @@ import hashlib
 import json
 import statistics
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import layout
 from .io import read_json, sha256_file, write_json
 from .params import candidates, method_params, with_params
-from .workspace import Workspace
+
+if TYPE_CHECKING:
+    from .workspace import Workspace
 
 SPLIT = "val"
 PACKAGE = Path(__file__).resolve().parent

@@ -11,14 +11,14 @@ from pathlib import Path
 
 from . import layout
 from .data import read_split
-from .evaluation import accuracy, load_head
 from .features import load_features
 from .io import StateDict, load_weights, read_json
 from .merging import cat as cat_merge
 from .merging import method_module
-from .models import create_image_tower
 from .params import Params
 from .task_vectors import apply_task_vector
+
+# The model code (open_clip, ~4 s to import) is imported only by the methods that score models.
 
 
 class Workspace:
@@ -95,14 +95,20 @@ class Workspace:
 
     @cached_property
     def heads(self) -> dict:
+        from .evaluation import load_head
+
         return {t: load_head(self.path(layout.expert_dir(t) / "head.safetensors")) for t in self.params.tasks}
 
     @cached_property
     def tower(self):
+        from .models import create_image_tower
+
         return create_image_tower(self.params.model)
 
     def score(self, weights: StateDict, split: str, tasks: list[str] | None = None) -> dict[str, float]:
         """Top-1 accuracy (%) of `weights` on each task's `split`."""
+        from .evaluation import accuracy
+
         self.tower.load_state_dict(weights)
         out = {}
         for task in tasks or self.params.tasks:
