@@ -16,7 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
-from built_project import BuiltProject
+from built_project import BuiltProject, mean_sd
 
 from catmerge.merging import merge_method
 from catmerge.merging.cat import read_removals
@@ -61,8 +61,7 @@ def summarize(paths: list[Path]) -> str:
     runs = [json.loads(p.read_text()) for p in paths]
     tasks = runs[0]["params"]["tasks"]
 
-    def cell(values):
-        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+    cell = mean_sd
 
     def row_of(run, method):
         return run[method]["test"] if method in ("task_arithmetic", "cat") else run[method]

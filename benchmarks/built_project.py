@@ -3,6 +3,7 @@ library's `Workspace`, under the names these scripts use."""
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,3 +38,8 @@ class BuiltProject:
     def scorer(self):
         """score(weights, split, only=None) -> {task: accuracy %} with one reused tower."""
         return self.workspace.score
+
+
+def mean_sd(values: list[float]) -> str:
+    """"mean ± sample sd" of the values, one decimal (sd 0 for a single value)."""
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"

@@ -19,7 +19,7 @@ import json
 import statistics
 from pathlib import Path
 
-from built_project import BuiltProject
+from built_project import BuiltProject, mean_sd
 
 from catmerge.io import load_weights
 from catmerge.merging import merge_method
@@ -71,9 +71,7 @@ def markdown_summary(results: dict) -> str:
     runs = list(results.values())
     tasks = list(runs[0]["expert"])
 
-    def cell(values: list[float]) -> str:
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.1f} ± {spread:.1f}"
+    cell = mean_sd
 
     lines = ["| model | " + " | ".join(tasks) + " | avg |", "|---" * (len(tasks) + 2) + "|"]
     for row in ROWS:

@@ -96,6 +96,7 @@ class RegMeanParams(Strict):
     nondiagonal_scale: float = Field(
         default=0.9, ge=0, le=1, description="off-diagonal entries of the Gram matrices are multiplied by this (1 = plain RegMean)"
     )
+    alpha: float = Field(default=1.0, gt=0, description="scaling of the merged delta (1 = RegMean as published)")
 
 
 class PcbParams(Strict):

@@ -145,7 +145,7 @@ def decomposition_section(decomposition: dict) -> tuple[list, dict]:
     return blocks, {"decomposition.png": _png(fig)}
 
 
-def conflict_section(diagnostics: dict, tasks: list[str]) -> tuple[list, dict]:
+def conflict_section(diagnostics: dict, tasks: list[str], bases_params: dict, chosen: dict) -> tuple[list, dict]:
     linear = {name: entry for name, entry in diagnostics.items() if "pairs" in next(iter(entry.values()))}
     blocks = [("h", "CAT conflict diagnostics (bases stage)")]
     if not linear:
@@ -160,9 +160,9 @@ def conflict_section(diagnostics: dict, tasks: list[str]) -> tuple[list, dict]:
     for term, title in (("conflict", "task k's feature shift caused by T_i, share removed"),
                         ("own", "task i's own signal, share removed")):
         grid = np.array([[_share(linear[layer][k]["pairs"][i], term) for k, i in pairs] for layer in layers])
-        fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(pairs) + 3), 0.28 * len(layers) + 2))
+        fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(pairs) + 3), 0.28 * len(layers) + 3))
         image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-        ax.set_xticks(range(len(pairs)), [f"{k[:6]}<-{i[:6]}" for k, i in pairs], rotation=90, fontsize=6)
+        ax.set_xticks(range(len(pairs)), [f"{k} <- {i}" for k, i in pairs], rotation=90, fontsize=6)
         ax.set_yticks(range(len(layers)), [_short(n) for n in layers], fontsize=6)
         ax.set_title(title, fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.03)
@@ -185,15 +185,23 @@ def conflict_section(diagnostics: dict, tasks: list[str]) -> tuple[list, dict]:
     figures["kept_eigenvalues.png"] = _png(fig)
     blocks += [
         ("p", ("For each linear weight and ordered task pair k <- i, the two terms of Eq. 10: "
-              "||X_k T_i^T||^2 (the shift T_i causes in task k's features) and ||X_i T_i^T||^2 (task i's own "
-              "signal), and the share of each that lies along task k's removal basis B_k, i.e. what the trim "
-              "removes. Good trims remove much of the first and little of the second.")),
+               "||X_k T_i^T||^2 (the shift T_i causes in task k's features) and ||X_i T_i^T||^2 (task i's own "
+               "signal), and the share of each that lies along task k's removal basis B_k: what task k's trim "
+               "takes out of T_i. The merge also applies the other tasks' bases to T_i and, with rescale, "
+               "scales it back to its norm, so these shares describe each basis, not the whole trim. Good "
+               "bases remove much of the first and little of the second.")),
+        ("p", (f"Computed by the bases stage with {_params_text(bases_params)}; the CAT model in the comparison "
+               f"used {_params_text(chosen)}.")),
         ("figure", "conflict_heatmap.png", "Share of the conflict term removed, per layer (rows) and pair (columns)."),
         ("figure", "own_heatmap.png", "Share of task i's own signal removed, per layer and pair."),
         ("table", ["pair k <- i", "conflict removed % (all layers)", "own signal removed % (all layers)"], rows),
         ("figure", "kept_eigenvalues.png", "Kept eigenvalues of G_k per linear weight and task."),
     ]
     return blocks, figures
+
+
+def _params_text(params: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items()) or "the defaults"
 
 
 def _share(values: dict, term: str) -> float:

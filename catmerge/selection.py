@@ -1,10 +1,10 @@
 """Hyperparameter selection on validation data only.
 
 Every candidate of `select.<method>` (a grid in params.yaml) is merged and scored on each task's
-validation split (carved from train, disjoint from the exemplars' use as labels and from test);
-the best average wins, ties to the first candidate in grid order. Scores are cached by content
-(method, its full params, and a digest of the inputs and of this package's code), so extending a
-grid by one value costs one evaluation. Nothing here opens a test split.
+validation split (a pool of its own, disjoint from train, where the exemplars come from, and from
+test); the best average wins, ties to the first candidate in grid order. Scores are cached by
+content (method, its params, a digest of the inputs and of the code that merges and scores), so
+extending a grid by one value costs one evaluation. Nothing here opens a test split.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import layout
-from .io import read_json, sha256_file, write_json
+from .io import ArtifactError, read_json, sha256_file, write_json
 from .params import candidates, method_params, with_params
 
 if TYPE_CHECKING:
@@ -24,11 +24,23 @@ if TYPE_CHECKING:
 
 SPLIT = "val"
 PACKAGE = Path(__file__).resolve().parent
+# The code a validation score depends on (besides the method's own module): dvc.yaml's `select`
+# stage lists the same as deps. Editing anything else (the report, say) keeps the cache.
+SCORING_CODE = ["adapters", "model_configs", "cat.py", "configs.py", "data.py", "evaluation.py", "features.py",
+                "io.py", "merging/__init__.py", "models.py", "params.py", "selection.py", "task_vectors.py", "workspace.py"]
+
+
+def _code_files(method: str) -> list[Path]:
+    files = [PACKAGE / "merging" / f"{method}.py"]
+    for name in SCORING_CODE:
+        path = PACKAGE / name
+        files += sorted(p for p in path.rglob("*") if p.suffix in (".py", ".json")) if path.is_dir() else [path]
+    return files
 
 
 def inputs_digest(ws: Workspace) -> str:
-    """sha256 over everything a validation score depends on: weights, features, val splits, heads,
-    the model config and this package's code."""
+    """sha256 over the data a validation score depends on: weights, features, val splits, heads,
+    the model config name and the evaluation batch size."""
     files = [ws.path(layout.PRETRAINED_TOWER)]
     for task in ws.params.tasks:
         files += [
@@ -37,15 +49,23 @@ def inputs_digest(ws: Workspace) -> str:
             ws.path(layout.dataset_dir(task) / f"{SPLIT}.parquet"),
             ws.path(layout.expert_dir(task) / "head.safetensors"),
         ]
-    code = sorted(PACKAGE.rglob("*.py")) + sorted(PACKAGE.rglob("*.json"))
-    digest = hashlib.sha256(ws.params.model.encode())
-    for path in files + code:
+    digest = hashlib.sha256(f"{ws.params.model} {ws.params.evaluate.batch_size}".encode())
+    for path in files:
         digest.update(sha256_file(path).encode())
     return digest.hexdigest()
 
 
+def code_digest(method: str) -> str:
+    digest = hashlib.sha256()
+    for path in _code_files(method):
+        digest.update(f"{path.relative_to(PACKAGE)} {sha256_file(path)}".encode())
+    return digest.hexdigest()
+
+
 def _cache_path(cache_dir: Path, method: str, full_params: dict, digest: str) -> Path:
-    key = json.dumps({"method": method, "params": full_params, "inputs": digest}, sort_keys=True)
+    # the method list is not a hyperparameter: adding a method must not invalidate Task Arithmetic
+    key_params = {k: v for k, v in full_params.items() if k != "methods"}
+    key = json.dumps({"method": method, "params": key_params, "inputs": digest, "code": code_digest(method)}, sort_keys=True)
     return cache_dir / f"{method}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
 
@@ -95,7 +115,7 @@ def chosen_params(params, selection: dict, method: str):
     """`method`'s params block with the chosen point applied (None for weight averaging)."""
     base = method_params(params, method)
     if method not in selection["methods"]:
-        raise KeyError(f"the selection has no entry for {method}; rerun stage select")
+        raise ArtifactError(f"{layout.SELECTION}: no entry for {method}; rerun stage select (dvc repro)")
     return None if base is None else with_params(base, selection["methods"][method]["chosen"])
 
 

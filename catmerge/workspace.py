@@ -61,14 +61,16 @@ class Workspace:
                 self._removals[key] = (pieces, by_piece)
         return self._removals[key]
 
-    def regmean_inputs(self) -> tuple[list, list]:
-        """(linear pieces, q/k/v fused, and each task's linear-layer inputs by name) for RegMean."""
+    def regmean_inputs(self) -> tuple[list, list, list]:
+        """(linear pieces with q/k/v fused, each task's linear-layer inputs by name, the features
+        files they come from) for RegMean."""
         from .adapters import get_adapter
 
         adapter = get_adapter(self.features[0][2].get("adapter", ""))
         shapes = {k: tuple(v.shape) for k, v in self.pretrained.items() if v.is_floating_point()}
         pieces = [p for p in adapter.pieces(shapes, "fused") if p.family == "linear"]
-        return pieces, [linear for linear, _, _ in self.features]
+        names = [str(self.path(layout.features_path(t))) for t in self.params.tasks]
+        return pieces, [linear for linear, _, _ in self.features], names
 
     def merged(self, method: str, method_params) -> StateDict:
         """The merged image tower of `method` with `method_params` (that method's params block).

@@ -1,8 +1,8 @@
 """Prefect flows over the DVC pipeline: one Prefect task per DVC stage, DVC decides what is stale.
 
     python -m flows.pipeline                              # like `dvc repro`, with run history and logs
-    python -m flows.pipeline -S merge.alpha=0.5           # like `dvc exp run -S merge.alpha=0.5`
-    python -m flows.pipeline sweep -S merge.alpha=0.3,0.5 --concurrency 2
+    python -m flows.pipeline -S cat.c=3                   # like `dvc exp run -S cat.c=3`
+    python -m flows.pipeline sweep -S cat.c=1,2,3 --concurrency 2
     python -m flows.pipeline sweep -S cat.c=1,2,4 --dask-address tcp://10.0.0.5:8786 --remote s3://bucket/cache
 
 Stages run in dependency order, per-task stages one task run per item (`experts@mnist`, ...); each
@@ -96,7 +96,7 @@ def pipeline(
 
 
 def grid_points(overrides: list[str]) -> list[list[str]]:
-    """`dvc exp run -S` sweep syntax (`merge.alpha=0.3,0.5`, Hydra choice/range) -> one override list per point."""
+    """`dvc exp run -S` sweep syntax (`cat.c=1,2`, Hydra choice/range) -> one override list per point."""
     from dvc.utils.cli_parse import to_path_overrides
     from dvc.utils.hydra import get_hydra_sweeps
 

@@ -2,7 +2,7 @@
 
     prefect server start --host 127.0.0.1 --port 4200          # in one terminal
     export PREFECT_API_URL=http://127.0.0.1:4200/api
-    python -m flows.serve --cron "0 3 * * *" [--project PATH] [-S merge.alpha=0.5]
+    python -m flows.serve --cron "0 3 * * *" [--project PATH] [-S cat.c=3]
 
 Each scheduled run is `flows.pipeline.pipeline`: DVC reruns only the stages whose inputs changed.
 """

@@ -11,6 +11,8 @@ from catmerge.layout import (
     PRETRAINED_TOWER,
     REPORTS_DIR,
     SELECTION,
+    expert_dir,
+    features_path,
     merged_path,
     task_vector_path,
 )
@@ -27,13 +29,27 @@ def main() -> None:
     for section in (
         report.sensitivity(selection, curves),
         report.decomposition_section(read_json(DECOMPOSITION)),
-        report.conflict_section(read_json(BASES_DIR / "diagnostics.json"), params.tasks)
-        if "cat" in params.merge.methods else ([], {}),
+        report.conflict_section(
+            read_json(BASES_DIR / "diagnostics.json"), params.tasks, read_json(BASES_DIR / "manifest.json")["params"],
+            selection["methods"]["cat"]["params"],
+        )
+        if "cat" in params.merge.methods
+        else ([], {}),
     ):
         blocks += section[0]
         figures.update(section[1])
-    artifacts = [PRETRAINED_TOWER, *(task_vector_path(t) for t in params.tasks), BASES_DIR / "manifest.json",
-                 *(merged_path(m) for m in params.merge.methods), SELECTION]
+    artifacts = [
+        PRETRAINED_TOWER,
+        *(task_vector_path(t) for t in params.tasks),
+        *(features_path(t) for t in params.tasks),
+        *(expert_dir(t) / "head.safetensors" for t in params.tasks),
+        BASES_DIR / "manifest.json",
+        BASES_DIR / "diagnostics.json",
+        SELECTION,
+        *(merged_path(m) for m in params.merge.methods),
+        METRICS_DIR / "metrics.json",
+        DECOMPOSITION,
+    ]
     hashes = {str(path): sha256_file(path) for path in artifacts}
     blocks += report.provenance(params.model_dump(by_alias=True), hashes)
     report.write_report(REPORTS_DIR, f"catmerge report: {len(params.tasks)} tasks, {params.model}", blocks, figures)

@@ -155,6 +155,21 @@ def test_regmean_diagonal_hand_example():
     torch.testing.assert_close(out["w"], torch.tensor([[3.0, 1.0]], dtype=F64), rtol=0, atol=1e-12)
 
 
+def test_regmean_half_scaled_off_diagonals_hand_example():
+    # s = 0.5: G~_1 = [[2, 0.5], [0.5, 3]] from G_1 = [[2, 1], [1, 3]]; G~_2 = [[1, 0.25], [0.25, 1]]
+    # T* = (T_1 G~_1 + T_2 G~_2)(G~_1 + G~_2)^-1 = [2.25, 1.5] [[3, 0.75], [0.75, 4]]^-1 = [42/61, 15/61]
+    theta0 = {"w": torch.tensor([[1.0, -1.0]], dtype=F64), "b": torch.tensor([0.0], dtype=F64)}
+    deltas = [{"w": torch.tensor([[1.0, 0.0]], dtype=F64), "b": torch.tensor([1.0], dtype=F64)},
+              {"w": torch.tensor([[0.0, 1.0]], dtype=F64), "b": torch.tensor([3.0], dtype=F64)}]
+    grams = [{"x": LayerInput(gram=torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=F64))},
+             {"x": LayerInput(gram=torch.tensor([[1.0, 0.5], [0.5, 1.0]], dtype=F64))}]
+    pieces = [Piece("w", "w", "linear", "x", 0, 1)]
+    out = regmean.merge(theta0, deltas, RegMeanParams(nondiagonal_scale=0.5, alpha=2.0), pieces, grams)
+    expected_w = torch.tensor([[1.0 + 2.0 * 42 / 61, -1.0 + 2.0 * 15 / 61]], dtype=F64)
+    torch.testing.assert_close(out["w"], expected_w, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out["b"], torch.tensor([2.0 * 2.0], dtype=F64), rtol=0, atol=1e-12)  # alpha * mean
+
+
 @SETTINGS
 @given(layer=regmean_layers)
 def test_regmean_without_off_diagonals_is_the_per_column_weighted_mean(layer):
@@ -257,9 +272,10 @@ def test_regmean_errors_name_the_piece_and_input():
     theta0, pieces = linear_model(g, 2, 3)
     deltas = deltas_of(g, theta0, 2)
     good = {"x": LayerInput(rows=randn(g, 4, 3))}
-    with pytest.raises(ArtifactError, match=r"'x'.*piece w.*task 1"):
-        regmean.merge(theta0, deltas, RegMeanParams(), pieces, [good, {"other": good["x"]}])
-    with pytest.raises(ArtifactError, match=r"'x'.*piece w.*\(5, 5\).*d_in = 3"):
+    names = ["features/a.safetensors", "features/b.safetensors"]
+    with pytest.raises(ArtifactError, match=r"features/b.safetensors: no RegMean input 'x' \(needed by w\)"):
+        regmean.merge(theta0, deltas, RegMeanParams(), pieces, [good, {"other": good["x"]}], names)
+    with pytest.raises(ArtifactError, match=r"^task 1: RegMean input 'x' of w has Gram \(5, 5\).*d_in = 3"):
         regmean.merge(theta0, deltas, RegMeanParams(), pieces, [good, {"x": LayerInput(gram=torch.eye(5, dtype=F64))}])
     with pytest.raises(ValueError, match="1 input sets for 2 task vectors"):
         regmean.merge(theta0, deltas, RegMeanParams(), pieces, [good])
@@ -287,13 +303,15 @@ def test_pcb_hand_example():
     assert beta2 == pytest.approx([0.85198895, 0.04241803, 0.05529176], abs=1e-8)
     taus = torch.tensor([t1, t2], dtype=F64)
     torch.testing.assert_close(pcb.balance(taus), torch.tensor([beta1, beta2], dtype=F64), rtol=1e-12, atol=0)
-    # drop_ratio 0.4 of 3 entries: floor(1.2) = 1 dropped per task
-    kept0 = (beta1[0] * 1.0 + beta2[0] * 2.0) / (beta1[0] + beta2[0])  # = 1.87174
+    # drop_ratio 0.4 of 3 entries: floor(1.2) = 1 dropped per task; then each task's kept scores are
+    # divided by their maximum: task 1 by beta1[1] = 0.53717, task 2 by beta2[0] = 0.85199
+    w1, w2 = beta1[0] / beta1[1], beta2[0] / beta2[0]  # 0.23335, 1
+    kept0 = (w1 * 1.0 + w2 * 2.0) / (w1 + w2)  # = 1.81080
     merged = torch.tensor([kept0, 2.0, 1.0], dtype=F64)  # entries 1 and 2: one task left each
     theta0 = {"w": torch.tensor([0.5, 0.0, -1.0], dtype=F64)}
     out = pcb.merge(theta0, [{"w": taus[0]}, {"w": taus[1]}], PcbParams(drop_ratio=0.4, alpha=0.5))
     torch.testing.assert_close(out["w"], theta0["w"] + 0.5 * merged, rtol=1e-12, atol=1e-12)
-    assert kept0 == pytest.approx(1.8717423, abs=1e-7)
+    assert kept0 == pytest.approx(1.8107969, abs=1e-7)
 
 
 def test_pcb_drop_ties_keep_the_lower_index():
@@ -315,7 +333,8 @@ def test_pcb_without_drop_keeps_every_entry(case):
     beta = pcb.balance(taus)
     assert (beta > 0).all() and torch.equal(pcb.drop(beta, 0.0), beta)
     out = pcb.merge({"w": torch.zeros(d, dtype=F64)}, [{"w": t} for t in taus], PcbParams(drop_ratio=0.0, alpha=1.0))
-    torch.testing.assert_close(out["w"], (beta * taus).sum(0) / beta.sum(0), rtol=1e-12, atol=1e-12)
+    weights = beta / beta.max(dim=1, keepdim=True).values  # each task's scores over its maximum
+    torch.testing.assert_close(out["w"], (weights * taus).sum(0) / weights.sum(0), rtol=1e-12, atol=1e-12)
     # every task weighs in: a convex combination with positive weights
     low, high = taus.min(0).values, taus.max(0).values
     assert ((out["w"] >= low - 1e-12) & (out["w"] <= high + 1e-12)).all()

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from conftest import MICRO_PARAMS, run, write_params
+from conftest import MICRO_PARAMS, ROOT, run, write_params
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -25,7 +26,9 @@ def project_copy(micro_project, tmp_path_factory) -> Path:
     shutil.copytree(micro_project, copy, ignore=shutil.ignore_patterns(".dvc", ".git"))
     for test_split in (copy / "data/datasets").glob("*/test.parquet"):
         test_split.unlink()
-    shutil.rmtree(copy / "data/select_cache")
+    # nothing that test accuracy went into either
+    for path in ("data/select_cache", "data/merged", "metrics", "reports"):
+        shutil.rmtree(copy / path)
     return copy
 
 
@@ -41,6 +44,7 @@ def test_selection_never_reads_a_test_split(micro_project, project_copy):
     assert json.loads((project_copy / "metrics/selection.json").read_text()) == json.loads(
         (micro_project / "metrics/selection.json").read_text()
     )
+    assert not (project_copy / "data/merged").exists()
 
 
 def test_a_grid_extended_by_one_value_costs_one_evaluation(project_copy):
@@ -58,6 +62,36 @@ def test_a_grid_extended_by_one_value_costs_one_evaluation(project_copy):
     assert pcb["at_grid_edge"] == (["alpha"] if pcb["chosen"]["alpha"] in (0.5, 1.5) else [])
 
 
+def test_a_cat_grid_over_c_recomputes_removals_for_other_values(project_copy):
+    from catmerge.io import read_metadata
+
+    before = json.loads((project_copy / "metrics/selection.json").read_text())["methods"]["cat"]
+    params = yaml.safe_load((project_copy / "params.yaml").read_text())
+    params["select"]["cat"] = {"c": [1, params["cat"]["c"]]}
+    write_params(project_copy / "params.yaml", params)
+    output = run_select(project_copy)
+    assert re.search(r"select: 1 candidates evaluated, \d+ from the cache", output)  # c = 1 is new; c = 2 is cached
+    cat = json.loads((project_copy / "metrics/selection.json").read_text())["methods"]["cat"]
+    scores = {row["point"]["c"]: row["scores"] for row in cat["candidates"]}
+    assert scores[params["cat"]["c"]] == before["candidates"][0]["scores"]
+    run([sys.executable, "-m", "stages.merge"], project_copy)
+    recorded = json.loads(read_metadata(project_copy / "data/merged/cat.safetensors")["params"])
+    assert recorded["c"] == cat["chosen"]["c"] and recorded == cat["params"]
+
+    from catmerge.params import load_params, with_params
+    from catmerge.workspace import Workspace
+
+    workspace = Workspace(load_params(project_copy / "params.yaml"), project_copy)
+    stored = workspace.removals(workspace.params.cat)[1]  # the bases stage's own (c = 2)
+    recomputed = workspace.removals(with_params(workspace.params.cat, {"c": 1}))[1]
+    bases = [(name, k) for name, rs in stored.items() for k, r in enumerate(rs) if r.basis is not None]
+    assert bases and all(recomputed[name][k].basis.shape[1] <= 1 for name, k in bases)
+    assert any(stored[name][k].basis.shape[1] == 2 for name, k in bases)
+    for name, k in bases:  # c = 1 keeps the first direction of c = 2 (same G_k, same order and signs)
+        if recomputed[name][k].basis.shape[1] == 1:
+            torch.testing.assert_close(recomputed[name][k].basis[:, 0], stored[name][k].basis[:, 0], rtol=1e-6, atol=1e-8)
+
+
 def test_merge_uses_the_chosen_params_and_evaluate_decomposes_task_arithmetic(micro_project):
     from catmerge.io import read_metadata
 
@@ -66,6 +100,15 @@ def test_merge_uses_the_chosen_params_and_evaluate_decomposes_task_arithmetic(mi
         recorded = json.loads(read_metadata(micro_project / f"data/merged/{method}.safetensors")["params"])
         assert recorded == entry["params"]
         assert entry["average"] == max(row["average"] for row in entry["candidates"])
+    # the model merge built is the one select scored: the same validation accuracy, task by task
+    from catmerge.io import load_weights
+    from catmerge.params import load_params
+    from catmerge.workspace import Workspace
+
+    workspace = Workspace(load_params(micro_project / "params.yaml"), micro_project)
+    for method in ("ties", "regmean", "cat"):
+        chosen = next(r for r in selection["methods"][method]["candidates"] if r["point"] == selection["methods"][method]["chosen"])
+        assert workspace.score(load_weights(micro_project / f"data/merged/{method}.safetensors"), "val") == chosen["scores"]
     metrics = json.loads((micro_project / "metrics/metrics.json").read_text())
     decomposition = json.loads((micro_project / "metrics/decomposition.json").read_text())
     assert decomposition["alpha"] == MICRO_PARAMS["merge"]["alpha"]
@@ -75,6 +118,26 @@ def test_merge_uses_the_chosen_params_and_evaluate_decomposes_task_arithmetic(mi
         assert row["expert"] == metrics["accuracy"][task]["expert"]
         assert row["dilution"] + row["interference"] == pytest.approx(row["expert"] - row["merged"])
         assert set(row) >= {f"interference_{f}" for f in ("linear", "norm_scale", "shift", "other")}
+
+
+def test_select_stage_deps_cover_the_code_scores_depend_on():
+    from catmerge.selection import SCORING_CODE
+
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["select"]["deps"]
+    assert "catmerge/merging" in deps
+    def covered(path: str) -> bool:
+        return any(path == dep or path.startswith(dep + "/") for dep in deps)
+
+    assert [name for name in SCORING_CODE if not covered(f"catmerge/{name}")] == []
+
+
+def test_alpha_curves_are_dvc_plots(micro_project):
+    proc = run([sys.executable, "-m", "dvc", "plots", "show", "--json"], micro_project)
+    plots = json.loads(proc.stdout)["data"]
+    for method in ("ties", "pcb"):  # the micro params have alpha grids for these two
+        values = plots[f"metrics/alpha_curves/{method}.csv"][0]["content"]["data"]["values"]
+        assert [float(v["alpha"]) for v in values] == [0.5, 1.0]
+        assert all(0.0 <= float(v["val_average"]) <= 100.0 for v in values)
 
 
 def test_report_has_every_task_and_method_and_renders_in_chromium(micro_project, tmp_path):

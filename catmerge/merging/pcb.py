@@ -5,6 +5,7 @@ For N task vectors, per tensor (flattened to its d entries):
   inter    beta_inter_i = sum_{j=1..N} Softmax(Norm(tau_i . tau_j))          (j = i included)
   PCB      beta_i = beta_intra_i . beta_inter_i
   drop     beta^_i = beta_i on all but its floor(r d) lowest entries, 0 there  (r = drop_ratio)
+           beta^_i <- beta^_i / max(beta^_i)                                    (per task, see below)
   rescale  tau_m = sum_i (beta^_i . tau_i) / sum_i beta^_i                     (0 where the sum is 0)
   merge    theta = theta_0 + alpha * tau_m
 
@@ -14,7 +15,12 @@ ratio r of lowest scores per task vector. Chosen here (the formulas leave them o
   - Norm is min-max scaling to [0, 1] over those entries (0 everywhere for a constant tensor);
   - Softmax is over those entries, so each Softmax sums to 1 over the tensor;
   - the drop removes exactly floor(r d) entries (so one always stays, r < 1); among equal scores
-    the higher flat index goes first (a stable descending sort keeps the lower index).
+    the higher flat index goes first (a stable descending sort keeps the lower index);
+  - each task's kept scores are divided by their maximum before the weighted average. A softmax
+    over a tensor's entries divides task i's scores by a sum that belongs to task i alone, which
+    would weigh whole tasks against each other at every entry; after this scaling that sum
+    cancels, and each task's most important entry has weight 1 (the authors' release also scales
+    each task's scores to [0, 1] after the drop).
 Computed in float64, returned in theta_0's dtypes.
 """
 
@@ -51,9 +57,15 @@ def drop(beta: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.where(kept, beta, torch.zeros_like(beta))
 
 
+def scaled(beta: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its maximum (rows of zeros stay zero)."""
+    top = beta.max(dim=1, keepdim=True).values
+    return beta / torch.where(top > 0, top, torch.ones_like(top))
+
+
 def merge_tensor(deltas: list[torch.Tensor], ratio: float) -> torch.Tensor:
     taus = torch.stack([d.double().reshape(-1) for d in deltas])
-    beta = drop(balance(taus), ratio)
+    beta = scaled(drop(balance(taus), ratio))
     weight = beta.sum(dim=0)
     merged = (beta * taus).sum(dim=0) / torch.where(weight > 0, weight, torch.ones_like(weight))
     return merged.reshape(deltas[0].shape)

@@ -5,6 +5,7 @@ expert's outputs on that expert's own inputs; every other parameter is averaged.
   W*    = argmin_W sum_i ||X_i W^T - X_i W_i^T||^2 = (sum_i W_i G_i)(sum_i G_i)^-1,   W_i = theta_0 + T_i
         = theta_0 + T*,  T* = (sum_i T_i G_i)(sum_i G_i)^-1          (sum_i G_i theta_0 cancels)
   other = theta_0 + (1/K) sum_i T_i
+  merge = theta_0 + alpha * (T* on linear weights, (1/K) sum_i T_i elsewhere)   (alpha = 1: RegMean)
 
 Computed in float64, returned in theta_0's dtypes.
 """
@@ -19,17 +20,17 @@ from ..io import ArtifactError, StateDict
 from ..task_vectors import apply_task_vector
 
 
-def _gram(piece: Piece, inputs: list[dict[str, LayerInput]], d_in: int, scale: float) -> list[torch.Tensor]:
+def _gram(piece: Piece, inputs: list[dict[str, LayerInput]], d_in: int, scale: float, names: list[str]) -> list[torch.Tensor]:
     grams = []
     for k, by_name in enumerate(inputs):
         if piece.input not in by_name:
-            raise ArtifactError(f"RegMean: no input {piece.input!r} of piece {piece.name} for task {k}")
+            raise ArtifactError(f"{names[k]}: no RegMean input {piece.input!r} (needed by {piece.name})")
         x = by_name[piece.input]
         # Rows squared in float64 (a float32 Gram of float32 rows would lose digits).
         g = x.rows.double().T @ x.rows.double() if x.rows is not None else x.gram.double()
         if g.shape != (d_in, d_in):
             raise ArtifactError(
-                f"RegMean: input {piece.input!r} of piece {piece.name} (task {k}) has Gram {tuple(g.shape)}, "
+                f"{names[k]}: RegMean input {piece.input!r} of {piece.name} has Gram {tuple(g.shape)}, "
                 f"the weight has d_in = {d_in}"
             )
         grams.append(scale * g + (1.0 - scale) * torch.diag(torch.diagonal(g)))
@@ -46,16 +47,18 @@ def solve(deltas: list[torch.Tensor], grams: list[torch.Tensor]) -> torch.Tensor
     return torch.linalg.lstsq(total, rhs, driver="gelsd").solution.T
 
 
-def merge(
-    pretrained: StateDict,
+def merged_vector(
     task_vectors: list[StateDict],
     params,
     pieces: list[Piece],
     inputs: list[dict[str, LayerInput]],
+    names: list[str] | None = None,
 ) -> StateDict:
-    """`params` is a RegMeanParams; `inputs[k]` holds task k's captured inputs by name."""
+    """The merged delta (independent of alpha). `inputs[k]` holds task k's captured inputs by name;
+    `names[k]` names them in errors (default "task k")."""
     if len(inputs) != len(task_vectors):
         raise ValueError(f"RegMean: {len(inputs)} input sets for {len(task_vectors)} task vectors")
+    names = names or [f"task {k}" for k in range(len(inputs))]
     count = len(task_vectors)
     # Start from the average everywhere; the linear pieces' rows are then overwritten.
     merged = {key: sum(tv[key].double() for tv in task_vectors) / count for key in task_vectors[0]}
@@ -66,6 +69,11 @@ def merge(
         shape = blocks[0].shape
         # A conv kernel (d_out, c, kh, kw) acts as a linear map on unfolded patches.
         deltas = [b.reshape(shape[0], -1) for b in blocks]
-        grams = _gram(piece, inputs, deltas[0].shape[1], params.nondiagonal_scale)
+        grams = _gram(piece, inputs, deltas[0].shape[1], params.nondiagonal_scale, names)
         piece.of(merged[piece.key]).copy_(solve(deltas, grams).reshape(shape))
-    return apply_task_vector(pretrained, merged)
+    return merged
+
+
+def merge(pretrained: StateDict, task_vectors: list[StateDict], params, pieces, inputs, names=None) -> StateDict:
+    """`params` is a RegMeanParams (nondiagonal_scale, alpha)."""
+    return apply_task_vector(pretrained, merged_vector(task_vectors, params, pieces, inputs, names), params.alpha)
