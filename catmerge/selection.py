@@ -62,10 +62,10 @@ def code_digest(method: str) -> str:
     return digest.hexdigest()
 
 
-def _cache_path(cache_dir: Path, method: str, full_params: dict, digest: str) -> Path:
+def _cache_path(cache_dir: Path, method: str, full_params: dict, digest: str, code: str) -> Path:
     # the method list is not a hyperparameter: adding a method must not invalidate Task Arithmetic
     key_params = {k: v for k, v in full_params.items() if k != "methods"}
-    key = json.dumps({"method": method, "params": key_params, "inputs": digest, "code": code_digest(method)}, sort_keys=True)
+    key = json.dumps({"method": method, "params": key_params, "inputs": digest, "code": code}, sort_keys=True)
     return cache_dir / f"{method}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
 
@@ -77,11 +77,12 @@ def select(ws: Workspace, cache_dir: str | Path, log=print) -> dict:
     evaluated = cached = 0
     for method in ws.params.merge.methods:
         base = method_params(ws.params, method)
+        code = code_digest(method)
         rows = []
         for point in candidates(ws.params, method):
             chosen_params = with_params(base, point) if base is not None else None
             full = chosen_params.model_dump(by_alias=True) if chosen_params is not None else {}
-            path = _cache_path(cache_dir, method, full, digest)
+            path = _cache_path(cache_dir, method, full, digest, code)
             if path.is_file():
                 scores = read_json(path)["scores"]
                 cached += 1
