@@ -262,9 +262,9 @@ def model_removals(pieces, task_vectors: list[dict[str, Tensor]], features: list
     return out
 
 
-def trimmed_sum(pieces, task_vectors: list[dict[str, Tensor]], removals: dict[str, list[Removal]], rescale: bool) -> dict[str, Tensor]:
-    """sum_i trimmed T_i, parameter by parameter ("other" pieces are summed untouched)."""
-    total = {}
+def trimmed_vectors(pieces, task_vectors: list[dict[str, Tensor]], removals: dict[str, list[Removal]], rescale: bool) -> list[dict[str, Tensor]]:
+    """Every trimmed T_i, parameter by parameter ("other" pieces are kept untouched)."""
+    out = [{} for _ in task_vectors]
     for piece in pieces:
         deltas = [piece.of(tv[piece.key]) for tv in task_vectors]
         if piece.family == "other":
@@ -272,10 +272,18 @@ def trimmed_sum(pieces, task_vectors: list[dict[str, Tensor]], removals: dict[st
         else:
             scale_back = rescale and piece.family in ("linear", "norm_scale")
             trimmed = [trim(i, _as_matrix(piece, d), removals[piece.name], scale_back).reshape(d.shape) for i, d in enumerate(deltas)]
-        piece_sum = trimmed[0].clone()
-        for t in trimmed[1:]:
-            piece_sum += t
-        if piece.key not in total:
-            total[piece.key] = torch.empty_like(task_vectors[0][piece.key])
-        piece.of(total[piece.key]).copy_(piece_sum)
+        for vector, tv, piece_delta in zip(out, task_vectors, trimmed):
+            if piece.key not in vector:
+                vector[piece.key] = torch.empty_like(tv[piece.key])
+            piece.of(vector[piece.key]).copy_(piece_delta)
+    return out
+
+
+def trimmed_sum(pieces, task_vectors: list[dict[str, Tensor]], removals: dict[str, list[Removal]], rescale: bool) -> dict[str, Tensor]:
+    """sum_i trimmed T_i (summed in task order, parameter by parameter)."""
+    vectors = trimmed_vectors(pieces, task_vectors, removals, rescale)
+    total = {key: value.clone() for key, value in vectors[0].items()}
+    for vector in vectors[1:]:
+        for key in total:
+            total[key] += vector[key]
     return total

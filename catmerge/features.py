@@ -31,9 +31,44 @@ def compress(captured: dict[str, torch.Tensor], norm_inputs: set[str]) -> dict[s
     return out
 
 
+def exemplar_indices(count: int, available: int, data_seed: int, task: str) -> torch.Tensor:
+    """The `count` train images task `task` takes as exemplars (sorted), drawn with a seed from
+    `data_seed` and the task name: the same images whatever the other tasks are."""
+    from .benchmark.training import task_seed
+
+    generator = torch.Generator().manual_seed(task_seed(data_seed, task))
+    return torch.randperm(available, generator=generator)[:count].sort().values
+
+
+def capture(tower, weights: dict[str, torch.Tensor], images: torch.Tensor) -> tuple[dict[str, torch.Tensor], list, dict]:
+    """(compressed layer inputs, pieces, {"adapter", "rows"}) of `tower` loaded with `weights` on
+    raw `images`: every token of every image is a row. Raises if the adapter missed a layer input
+    a piece needs."""
+    from .adapters import adapter_for
+    from .models import normalize_images
+
+    tower.load_state_dict(weights)
+    adapter = adapter_for(tower)
+    captured = adapter.capture_inputs(tower, normalize_images(images))
+    shapes = {k: tuple(v.shape) for k, v in weights.items() if v.is_floating_point()}
+    pieces = adapter.pieces(shapes, qkv="fused")
+    missing = sorted({p.input for p in pieces if p.input is not None} - set(captured))
+    if missing:
+        raise RuntimeError(f"{adapter.NAME} adapter captured no rows for {missing}")
+    rows = max(x.shape[0] for x in captured.values())  # tokens x images (the patch embedding sees no class token)
+    tensors = compress(captured, {p.input for p in pieces if p.family == "norm_scale"})
+    return tensors, pieces, {"adapter": adapter.NAME, "rows": rows}
+
+
 def load_features(path: str | Path) -> tuple[dict[str, LayerInput], dict[str, torch.Tensor], dict]:
     """(linear inputs by name, norm sums of squares by name, metadata) of one task's features file."""
-    tensors = load_weights(path)
+    linear, sum_squares = layer_inputs(load_weights(path), str(path))
+    return linear, sum_squares, read_metadata(path)
+
+
+def layer_inputs(tensors: dict[str, torch.Tensor], name: str) -> tuple[dict[str, LayerInput], dict[str, torch.Tensor]]:
+    """Compressed features (`capture`, or a features file named `name`) -> (linear inputs, norm sums of squares)."""
+    path = name
     linear: dict[str, LayerInput] = {}
     sum_squares: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
@@ -48,4 +83,4 @@ def load_features(path: str | Path) -> tuple[dict[str, LayerInput], dict[str, to
             sum_squares[name] = value.double()
         else:
             raise ArtifactError(f"{path}: unexpected key {key!r} (expected <input>.rows, .gram or .sum_squares)")
-    return linear, sum_squares, read_metadata(path)
+    return linear, sum_squares
