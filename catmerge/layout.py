@@ -35,4 +35,5 @@ SELECT_CACHE = DATA / "select_cache"
 SELECTION = METRICS_DIR / "selection.json"
 ALPHA_CURVES = METRICS_DIR / "alpha_curves"
 DECOMPOSITION = METRICS_DIR / "decomposition.json"
+DECOMPOSITION_CAT = METRICS_DIR / "decomposition_cat.json"  # the same split for CAT's trimmed vectors
 REPORTS_DIR = Path("reports")

@@ -115,7 +115,25 @@ def sensitivity(selection: dict, curves: dict[str, list[tuple[float, float]]]) -
     return blocks, {"alpha_sensitivity.png": _png(fig)}
 
 
-def decomposition_section(decomposition: dict) -> tuple[list, dict]:
+def decomposition_section(decomposition: dict, cat_decomposition: dict | None = None) -> tuple[list, dict]:
+    """Task Arithmetic's loss decomposition, and CAT's beside it (before and after trimming)."""
+    blocks, figures = _decomposition_blocks(decomposition, "Task Arithmetic", "decomposition.png")
+    if not cat_decomposition:
+        return blocks, figures
+    cat_blocks, cat_figures = _decomposition_blocks(cat_decomposition, "CAT Merging (trimmed vectors)", "decomposition_cat.png")
+    before, after = decomposition["average"], cat_decomposition["average"]
+    keys = ["expert", "solo", "merged", "dilution", "interference", *(f"interference_{f}" for f in ("linear", "norm_scale", "shift", "other"))]
+    rows = [[k.replace("interference_", "back without others' "), _fmt(before[k]), _fmt(after[k]), _fmt(after[k] - before[k])] for k in keys]
+    cat_blocks[1:1] = [
+        ("p", ("Averages over tasks, before (Task Arithmetic) and after CAT's trimming, each at its own chosen alpha. "
+               "For CAT, solo is theta_0 + alpha * trimmed T_k, so what trimming takes from task k's own vector counts as "
+               "dilution, and 'back without others' linear' is the linear-weight interference CAT left.")),
+        ("table", ["average", "Task Arithmetic", "CAT", "CAT - TA"], rows),
+    ]
+    return blocks + cat_blocks, {**figures, **cat_figures}
+
+
+def _decomposition_blocks(decomposition: dict, name: str, figure: str) -> tuple[list, dict]:
     families = ["linear", "norm_scale", "shift", "other"]
     per_task = decomposition["tasks"]
     header = ["task", "expert", "solo", "merged", "dilution", "interference", *(f"back without others' {f}" for f in families)]
@@ -134,15 +152,15 @@ def decomposition_section(decomposition: dict) -> tuple[list, dict]:
     ax.legend(fontsize="x-small", ncols=3)
     fig.tight_layout()
     blocks = [
-        ("h", "Where the loss comes from"),
-        ("p", (f"Task Arithmetic at alpha {decomposition['alpha']}, {decomposition['split']} split, per task k. "
+        ("h", f"Where the loss comes from: {name}"),
+        ("p", (f"{name} at alpha {decomposition['alpha']}, {decomposition['split']} split, per task k. "
               "solo: theta_0 + alpha T_k alone; dilution = expert - solo; interference = solo - merged. "
               "'back without others' f': accuracy regained when the other tasks' deltas are removed from "
               "parameter family f only (linear weights, norm scales, shifts, other).")),
         ("table", header, rows),
-        ("figure", "decomposition.png", "Dilution, interference and the interference each family carries, per task."),
+        ("figure", figure, f"{name}: dilution, interference and the interference each family carries, per task."),
     ]
-    return blocks, {"decomposition.png": _png(fig)}
+    return blocks, {figure: _png(fig)}
 
 
 def conflict_section(diagnostics: dict, tasks: list[str], bases_params: dict, chosen: dict) -> tuple[list, dict]:

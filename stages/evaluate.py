@@ -1,12 +1,14 @@
 """Stage `evaluate`: every merged model (hyperparameters chosen on validation by `select`) on every
 task's test split, beside the pretrained model and the experts; writes the metrics JSON, a results
-table, a bar chart, and the loss decomposition of Task Arithmetic (catmerge/decomposition.py)."""
+table, a bar chart, and the loss decomposition (catmerge/decomposition.py) of Task Arithmetic and,
+before/after, of CAT Merging (its trimmed vectors at its chosen params)."""
 
+from catmerge import cat
 from catmerge.cli import run_stage
 from catmerge.decomposition import decompose
 from catmerge.evaluation import bar_chart, results_table, summarize
 from catmerge.io import load_weights, read_json, write_json, write_text
-from catmerge.layout import DECOMPOSITION, METRICS_DIR, SELECTION, expert_dir, merged_path
+from catmerge.layout import DECOMPOSITION, DECOMPOSITION_CAT, METRICS_DIR, SELECTION, expert_dir, merged_path
 from catmerge.params import load_params
 from catmerge.selection import chosen_params
 from catmerge.workspace import Workspace
@@ -32,9 +34,19 @@ def main() -> None:
     write_text(table, METRICS_DIR / "results.md")
     bar_chart(metrics, METRICS_DIR / "accuracy.png")
 
-    alpha = chosen_params(params, read_json(SELECTION), "task_arithmetic").alpha if "task_arithmetic" in methods else params.merge.alpha
-    decomposition = decompose(ws, alpha, {t: per_task[t]["expert"] for t in tasks})
+    selection = read_json(SELECTION)
+    experts = {t: per_task[t]["expert"] for t in tasks}
+    alpha = chosen_params(params, selection, "task_arithmetic").alpha if "task_arithmetic" in methods else params.merge.alpha
+    decomposition = decompose(ws, alpha, experts)
     write_json(decomposition, DECOMPOSITION)
+    cat_decomposition = {}  # empty when CAT is not among the methods
+    if "cat" in methods:
+        cat_params = chosen_params(params, selection, "cat")
+        pieces, by_piece = ws.removals(cat_params)
+        trimmed = cat.trimmed_vectors(pieces, ws.task_vectors, by_piece, cat_params.rescale)
+        scored = {t: per_task[t]["cat"] for t in tasks}  # the merged file is theta_0 + alpha * sum of these
+        cat_decomposition = decompose(ws, cat_params.alpha, experts, vectors=trimmed, merged_scores=scored)
+    write_json(cat_decomposition, DECOMPOSITION_CAT)
     print(table)
     avg = decomposition["average"]
     print(f"Task Arithmetic (alpha {alpha}) loses {avg['expert'] - avg['merged']:.1f} points to the experts: "

@@ -7,6 +7,7 @@ from catmerge.io import read_json, sha256_file
 from catmerge.layout import (
     BASES_DIR,
     DECOMPOSITION,
+    DECOMPOSITION_CAT,
     METRICS_DIR,
     PRETRAINED_TOWER,
     REPORTS_DIR,
@@ -28,7 +29,7 @@ def main() -> None:
     blocks, figures = report.comparison(metrics, selection)
     for section in (
         report.sensitivity(selection, curves),
-        report.decomposition_section(read_json(DECOMPOSITION)),
+        report.decomposition_section(read_json(DECOMPOSITION), read_json(DECOMPOSITION_CAT)),
         report.conflict_section(
             read_json(BASES_DIR / "diagnostics.json"), params.tasks, read_json(BASES_DIR / "manifest.json")["params"],
             selection["methods"]["cat"]["params"],
@@ -49,6 +50,7 @@ def main() -> None:
         *(merged_path(m) for m in params.merge.methods),
         METRICS_DIR / "metrics.json",
         DECOMPOSITION,
+        DECOMPOSITION_CAT,
     ]
     hashes = {str(path): sha256_file(path) for path in artifacts}
     blocks += report.provenance(params.model_dump(by_alias=True), hashes)

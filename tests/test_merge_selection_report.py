@@ -118,6 +118,20 @@ def test_merge_uses_the_chosen_params_and_evaluate_decomposes_task_arithmetic(mi
         assert row["expert"] == metrics["accuracy"][task]["expert"]
         assert row["dilution"] + row["interference"] == pytest.approx(row["expert"] - row["merged"])
         assert set(row) >= {f"interference_{f}" for f in ("linear", "norm_scale", "shift", "other")}
+    # CAT's decomposition: its merged rows are the CAT model evaluate scored, at CAT's chosen alpha,
+    # and its solo row is theta_0 + alpha * trimmed T_k (scored here again)
+    from catmerge import cat
+    from catmerge.selection import chosen_params
+    from catmerge.task_vectors import apply_task_vector
+
+    after = json.loads((micro_project / "metrics/decomposition_cat.json").read_text())
+    cat_params = chosen_params(workspace.params, selection, "cat")
+    assert after["alpha"] == cat_params.alpha
+    pieces, by_piece = workspace.removals(cat_params)
+    trimmed = cat.trimmed_vectors(pieces, workspace.task_vectors, by_piece, cat_params.rescale)
+    for k, (task, row) in enumerate(after["tasks"].items()):
+        assert row["merged"] == metrics["accuracy"][task]["cat"]
+        assert row["solo"] == workspace.score(apply_task_vector(workspace.pretrained, trimmed[k], cat_params.alpha), "test", [task])[task]
 
 
 def test_select_stage_deps_cover_the_code_scores_depend_on():
@@ -149,7 +163,8 @@ def test_report_has_every_task_and_method_and_renders_in_chromium(micro_project,
         assert f" {task} |" in header
     for row_name in ["pretrained", "expert", *MICRO_PARAMS["merge"]["methods"]]:
         assert any(line.startswith(f"| {row_name} |") for line in rows), row_name
-    for section in ("Alpha sensitivity", "Where the loss comes from", "CAT conflict diagnostics", "Made from"):
+    for section in ("Alpha sensitivity", "Where the loss comes from: Task Arithmetic", "Where the loss comes from: CAT Merging",
+                    "CAT conflict diagnostics", "Made from"):
         assert f"## {section}" in report_md and section in report_html
     assert "data/merged/cat.safetensors" in report_md  # artifact hashes
     # self-contained: every image inline, nothing fetched, no scripts
