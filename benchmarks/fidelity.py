@@ -192,6 +192,36 @@ def layer_table(path: Path, label_: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def gap_plot(paths: list[Path], out: Path) -> None:
+    """CAT minus Task Arithmetic (test average, each at its alpha chosen on validation) per setting
+    and group: one dot per run, the bar at the mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, gaps = [], []
+    for path in paths:
+        study = json.loads(path.read_text())
+        by = [{p["label"]: p for p in r["points"]} for r in study["runs"].values()]
+        for lab in [p["label"] for p in next(iter(study["runs"].values()))["points"]]:
+            if lab != "task_arithmetic":
+                names.append(f"{study['group']}: {lab}")
+                gaps.append([b[lab]["test_average"] - b["task_arithmetic"]["test_average"] for b in by])
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
+    ys = range(len(names))
+    ax.barh(ys, [statistics.mean(g) for g in gaps], color="#9bb7d4")
+    for y, g in zip(ys, gaps):
+        ax.plot(g, [y] * len(g), "o", color="#1f3b5a", ms=3)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(list(ys), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("CAT minus Task Arithmetic, test average (points); dots: seeds")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--group", help="name of this set of projects (e.g. base, lr1e-4)")
@@ -203,7 +233,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--summarize", type=Path, nargs="+", help="print the tables of these result files")
     parser.add_argument("--layers", metavar="LABEL", help="with --summarize: per-layer conflict table of this setting")
+    parser.add_argument("--plot", type=Path, help="with --summarize: write the CAT - TA figure here")
     args = parser.parse_args(argv)
+    if args.summarize and args.plot:
+        gap_plot(args.summarize, args.plot)
     if args.summarize:
         print(layer_table(args.summarize[0], args.layers) if args.layers else summarize(args.summarize))
         return
