@@ -21,6 +21,7 @@ one factor changed at a time (SWEEP below). Every configuration tried is written
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import statistics
@@ -64,6 +65,7 @@ def workspace(project: str) -> Workspace:
     return _workspaces[project]
 
 
+@functools.cache
 def project_digest(project: str) -> str:
     """sha256 over everything a point reads: inputs_digest (weights, features, val splits, heads)
     plus the train and test splits, the experts and the seeds."""
@@ -76,17 +78,11 @@ def project_digest(project: str) -> str:
     return digest.hexdigest()
 
 
-# The code a point's result depends on, hashed once when this script starts (the code it runs).
-STUDY_CODE = ["adapters", "model_configs", "merging/cat.py", "cat.py", "configs.py", "data.py", "decomposition.py",
-              "evaluation.py", "features.py", "fidelity.py", "io.py", "models.py", "params.py", "task_vectors.py", "workspace.py"]
-
-
 def code_digest() -> str:
+    """Every source file of catmerge and this script, hashed once when the script starts (the code it runs)."""
     digest = hashlib.sha256()
-    for name in STUDY_CODE:
-        path = ROOT / "catmerge" / name
-        for file in sorted(p for p in path.rglob("*") if p.suffix in (".py", ".json")) if path.is_dir() else [path]:
-            digest.update(f"{file.relative_to(ROOT)} {sha256_file(file)}".encode())
+    for file in [*sorted(p for p in (ROOT / "catmerge").rglob("*") if p.suffix in (".py", ".json")), Path(__file__).resolve()]:
+        digest.update(f"{file.relative_to(ROOT)} {sha256_file(file)}".encode())
     return digest.hexdigest()
 
 
@@ -94,8 +90,10 @@ CODE_DIGEST = code_digest()
 
 
 def point_key(context, arguments: dict) -> str:
+    """Setting, alphas, families, the project's data and `cat` block (the setting applies over it), code."""
     payload = {k: arguments[k] for k in ("setting", "alphas", "families")}
     payload["project"] = project_digest(arguments["project"])
+    payload["cat"] = workspace(arguments["project"]).params.cat.model_dump(by_alias=True)
     payload["code"] = CODE_DIGEST
     return "fidelity-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:40]
 
@@ -178,6 +176,9 @@ def layer_table(path: Path, label_: str) -> str:
     the trim as merged (with the setting's rescale) and by random bases of the same size, on the
     exemplars' rows and on the merged model's own rows (held-out val images); mean over runs."""
     study = json.loads(path.read_text())
+    labels = [p["label"] for p in next(iter(study["runs"].values()))["points"]]
+    if label_ not in labels:
+        raise SystemExit(f"{path}: no setting {label_!r}; settings: {', '.join(labels)}")
     points = [next(p for p in r["points"] if p["label"] == label_) for r in study["runs"].values()]
     layers = list(points[0]["conflict"])
     columns = [(rows, variant) for rows in ("exemplars", "merged") for variant in ("cat", "cat_as_merged", "random")]
@@ -242,7 +243,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not (args.group and args.project and args.out):
         parser.error("--group, --project and --out are needed to run the study")
-    projects = dict(item.split("=", 1) for item in args.project)
+    projects = {}
+    for item in args.project:
+        run, sep, path = item.partition("=")
+        if not sep or not run or run in projects or not (Path(path) / "params.yaml").is_file():
+            parser.error(f"--project {item!r}: expected RUN=PROJECT_DIR, a new run name and a directory with params.yaml")
+        projects[run] = path
     args.cache.mkdir(parents=True, exist_ok=True)
     with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: args.cache.resolve()}):  # where cached points live
         settings = (REFERENCE if args.settings == "reference" else SWEEP)[: args.max_settings]

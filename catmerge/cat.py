@@ -262,16 +262,21 @@ def model_removals(pieces, task_vectors: list[dict[str, Tensor]], features: list
     return out
 
 
-def trimmed_vectors(pieces, task_vectors: list[dict[str, Tensor]], removals: dict[str, list[Removal]], rescale: bool) -> list[dict[str, Tensor]]:
-    """Every trimmed T_i, parameter by parameter ("other" pieces are kept untouched)."""
-    out = [{} for _ in task_vectors]
+def _trimmed_pieces(pieces, task_vectors: list[dict[str, Tensor]], removals: dict[str, list[Removal]], rescale: bool):
+    """(piece, [trimmed T_i for that piece]) one piece at a time ("other" pieces untouched)."""
     for piece in pieces:
         deltas = [piece.of(tv[piece.key]) for tv in task_vectors]
         if piece.family == "other":
-            trimmed = deltas
+            yield piece, deltas
         else:
             scale_back = rescale and piece.family in ("linear", "norm_scale")
-            trimmed = [trim(i, _as_matrix(piece, d), removals[piece.name], scale_back).reshape(d.shape) for i, d in enumerate(deltas)]
+            yield piece, [trim(i, _as_matrix(piece, d), removals[piece.name], scale_back).reshape(d.shape) for i, d in enumerate(deltas)]
+
+
+def trimmed_vectors(pieces, task_vectors: list[dict[str, Tensor]], removals: dict[str, list[Removal]], rescale: bool) -> list[dict[str, Tensor]]:
+    """Every trimmed T_i, parameter by parameter (K models in memory: for analysis; the merge uses trimmed_sum)."""
+    out = [{} for _ in task_vectors]
+    for piece, trimmed in _trimmed_pieces(pieces, task_vectors, removals, rescale):
         for vector, tv, piece_delta in zip(out, task_vectors, trimmed):
             if piece.key not in vector:
                 vector[piece.key] = torch.empty_like(tv[piece.key])
@@ -280,10 +285,13 @@ def trimmed_vectors(pieces, task_vectors: list[dict[str, Tensor]], removals: dic
 
 
 def trimmed_sum(pieces, task_vectors: list[dict[str, Tensor]], removals: dict[str, list[Removal]], rescale: bool) -> dict[str, Tensor]:
-    """sum_i trimmed T_i (summed in task order, parameter by parameter)."""
-    vectors = trimmed_vectors(pieces, task_vectors, removals, rescale)
-    total = {key: value.clone() for key, value in vectors[0].items()}
-    for vector in vectors[1:]:
-        for key in total:
-            total[key] += vector[key]
+    """sum_i trimmed T_i, parameter by parameter, summed in task order (one model's worth of sums)."""
+    total = {}
+    for piece, trimmed in _trimmed_pieces(pieces, task_vectors, removals, rescale):
+        piece_sum = trimmed[0].clone()
+        for t in trimmed[1:]:
+            piece_sum += t
+        if piece.key not in total:
+            total[piece.key] = torch.empty_like(task_vectors[0][piece.key])
+        piece.of(total[piece.key]).copy_(piece_sum)
     return total

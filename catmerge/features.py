@@ -35,7 +35,10 @@ def exemplar_indices(count: int, available: int, data_seed: int, task: str) -> t
     """The `count` train images task `task` takes as exemplars (sorted), drawn with a seed from
     `data_seed` and the task name: the same images whatever the other tasks are."""
     from .benchmark.training import task_seed
+    from .params import ParamsError
 
+    if count > available:
+        raise ParamsError(f"{task}: {count} images asked for (cat.exemplars or held-out images), the split has only {available}")
     generator = torch.Generator().manual_seed(task_seed(data_seed, task))
     return torch.randperm(available, generator=generator)[:count].sort().values
 

@@ -132,8 +132,11 @@ def run_point(ws: Workspace, setting: dict, alphas: list[float], experts: dict[s
     """The setting's validation curve over `alphas`, the chosen alpha (best validation average,
     ties to the first in grid order), test accuracy there, the decomposition at that alpha, and
     for CAT the conflict terms on the exemplars' and the merged model's features."""
-    setting = dict(setting)
-    if setting.pop("method", "cat") == "task_arithmetic":
+    original, setting = setting, dict(setting)
+    method = setting.pop("method", "cat")
+    if method not in ("cat", "task_arithmetic"):
+        raise ValueError(f"study setting {original}: method must be cat or task_arithmetic, got {method!r}")
+    if method == "task_arithmetic":
         cat_params = None
 
         def vectors_at(alpha):
@@ -164,7 +167,7 @@ def run_point(ws: Workspace, setting: dict, alphas: list[float], experts: dict[s
     merged = apply_task_vector(ws.pretrained, total, alpha)
     test = ws.score(merged, "test")
     result = {
-        "setting": setting,
+        "setting": original,
         "val_curve": {str(a): v for a, v in curve.items()},
         "alpha": alpha,
         "val_average": curve[alpha],

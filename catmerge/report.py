@@ -117,10 +117,12 @@ def sensitivity(selection: dict, curves: dict[str, list[tuple[float, float]]]) -
 
 def decomposition_section(decomposition: dict, cat_decomposition: dict | None = None) -> tuple[list, dict]:
     """Task Arithmetic's loss decomposition, and CAT's beside it (before and after trimming)."""
-    blocks, figures = _decomposition_blocks(decomposition, "Task Arithmetic", "decomposition.png")
+    blocks, figures = _decomposition_blocks(decomposition, "Task Arithmetic", "decomposition.png", "theta_0 + alpha T_k alone")
     if not cat_decomposition:
         return blocks, figures
-    cat_blocks, cat_figures = _decomposition_blocks(cat_decomposition, "CAT Merging (trimmed vectors)", "decomposition_cat.png")
+    cat_blocks, cat_figures = _decomposition_blocks(
+        cat_decomposition, "CAT Merging (trimmed vectors)", "decomposition_cat.png", "theta_0 + alpha * trimmed T_k alone"
+    )
     before, after = decomposition["average"], cat_decomposition["average"]
     keys = ["expert", "solo", "merged", "dilution", "interference", *(f"interference_{f}" for f in ("linear", "norm_scale", "shift", "other"))]
     rows = [[k.replace("interference_", "back without others' "), _fmt(before[k]), _fmt(after[k]), _fmt(after[k] - before[k])] for k in keys]
@@ -133,7 +135,7 @@ def decomposition_section(decomposition: dict, cat_decomposition: dict | None = 
     return blocks + cat_blocks, {**figures, **cat_figures}
 
 
-def _decomposition_blocks(decomposition: dict, name: str, figure: str) -> tuple[list, dict]:
+def _decomposition_blocks(decomposition: dict, name: str, figure: str, solo: str) -> tuple[list, dict]:
     families = ["linear", "norm_scale", "shift", "other"]
     per_task = decomposition["tasks"]
     header = ["task", "expert", "solo", "merged", "dilution", "interference", *(f"back without others' {f}" for f in families)]
@@ -154,7 +156,7 @@ def _decomposition_blocks(decomposition: dict, name: str, figure: str) -> tuple[
     blocks = [
         ("h", f"Where the loss comes from: {name}"),
         ("p", (f"{name} at alpha {decomposition['alpha']}, {decomposition['split']} split, per task k. "
-              "solo: theta_0 + alpha T_k alone; dilution = expert - solo; interference = solo - merged. "
+              f"solo: {solo}; dilution = expert - solo; interference = solo - merged. "
               "'back without others' f': accuracy regained when the other tasks' deltas are removed from "
               "parameter family f only (linear weights, norm scales, shifts, other).")),
         ("table", header, rows),

@@ -53,6 +53,7 @@ def test_conflict_removed_on_exemplars_also_leaves_the_merged_models_own_feature
     held_out = [task_images(k, 6, 1000 + seed) for k in range(TASKS)]
 
     conflict = fidelity.conflict_on_features(tower, task_vectors, pieces, by_piece, False, merged, features, held_out)
+    rescaled = fidelity.conflict_on_features(tower, task_vectors, pieces, by_piece, True, merged, features, held_out)
 
     assert len(conflict) == sum(p.family == "linear" for p in pieces) == 2 * 6  # q, k, v, out, fc, proj per block
     for name, row in conflict.items():
@@ -60,6 +61,9 @@ def test_conflict_removed_on_exemplars_also_leaves_the_merged_models_own_feature
             # a trim is a product of orthogonal projections: it can only lower the term
             assert row[f"{rows}_cat"] <= row[f"{rows}_original"] * (1 + 1e-12), name
             assert row[f"{rows}_cat"] == row[f"{rows}_cat_as_merged"]  # no rescale: merged = trimmed
+            assert rescaled[name][f"{rows}_cat"] == pytest.approx(row[f"{rows}_cat"], rel=1e-12)
+            # rescaling a trimmed T_i back to ||T_i|| multiplies its energies by ||T_i||^2 / ||T~_i||^2 >= 1
+            assert rescaled[name][f"{rows}_cat_as_merged"] >= row[f"{rows}_cat"] * (1 - 1e-12), name
         share = {v: 1 - row[f"merged_{v}"] / row["merged_original"] for v in ("cat", "random")}
         assert share["cat"] > share["random"], (name, share)
     on_exemplars = fidelity.removed_share(conflict, "exemplars", "cat")

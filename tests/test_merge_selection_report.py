@@ -129,6 +129,12 @@ def test_merge_uses_the_chosen_params_and_evaluate_decomposes_task_arithmetic(mi
     assert after["alpha"] == cat_params.alpha
     pieces, by_piece = workspace.removals(cat_params)
     trimmed = cat.trimmed_vectors(pieces, workspace.task_vectors, by_piece, cat_params.rescale)
+    # the CAT file evaluate scored is theta_0 + alpha * sum of these trimmed vectors, bit for bit
+    from catmerge.task_vectors import sum_task_vectors
+
+    rebuilt = apply_task_vector(workspace.pretrained, sum_task_vectors(trimmed), cat_params.alpha)
+    merged_file = load_weights(micro_project / "data/merged/cat.safetensors")
+    assert all(torch.equal(merged_file[key], rebuilt[key]) for key in rebuilt)
     for k, (task, row) in enumerate(after["tasks"].items()):
         assert row["merged"] == metrics["accuracy"][task]["cat"]
         assert row["solo"] == workspace.score(apply_task_vector(workspace.pretrained, trimmed[k], cat_params.alpha), "test", [task])[task]
