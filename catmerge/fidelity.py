@@ -4,8 +4,6 @@ CAT removes from its exemplars' features is also removed on the merged model's o
 
 A setting is a dict of `cat` params (params.yaml names: exemplars, feature_alpha, c, lambda,
 rescale, qkv, ...) applied over the project's `cat` block, or {"method": "task_arithmetic"}.
-`feature_alpha: "alpha"` couples the feature model to the merge: for each alpha of the grid the
-features come from theta_0 + alpha * T_k (the variant of Algorithm 1), so the bases differ per alpha.
 Everything is computed in memory; nothing under `data/` is written.
 """
 
@@ -24,7 +22,6 @@ from .params import with_params
 from .task_vectors import apply_task_vector, sum_task_vectors
 from .workspace import Workspace
 
-COUPLED = "alpha"  # feature_alpha value that ties the feature model to the merge's alpha
 HELD_OUT_IMAGES = 16  # val images per task on which the merged model's own features are taken
 
 
@@ -136,34 +133,18 @@ def run_point(ws: Workspace, setting: dict, alphas: list[float], experts: dict[s
     method = setting.pop("method", "cat")
     if method not in ("cat", "task_arithmetic"):
         raise ValueError(f"study setting {original}: method must be cat or task_arithmetic, got {method!r}")
-    if method == "task_arithmetic":
-        cat_params = None
-
-        def vectors_at(alpha):
-            return ws.task_vectors, None
-    else:
-        coupled = setting.get("feature_alpha") == COUPLED
-        cat_params = with_params(ws.params.cat, {k: v for k, v in setting.items() if not (coupled and k == "feature_alpha")})
-        cache: dict = {}
-
-        def vectors_at(alpha):
-            feature_alpha = alpha if coupled else cat_params.feature_alpha
-            if feature_alpha not in cache:
-                features = task_features(ws, cat_params.exemplars, feature_alpha)
-                pieces, by_piece = cat_removals(ws, cat_params, features)
-                vectors = cat.trimmed_vectors(pieces, ws.task_vectors, by_piece, cat_params.rescale)
-                cache.clear()  # one set of vectors in memory at a time
-                cache[feature_alpha] = (vectors, (pieces, by_piece, features))
-            return cache[feature_alpha]
-
-    curve = {}
-    for alpha in alphas:
-        vectors, _ = vectors_at(alpha)
-        curve[alpha] = val_average(ws, sum_task_vectors(vectors), alpha)
+    cat_params, extra = None, None
+    vectors = ws.task_vectors
+    if method == "cat":
+        cat_params = with_params(ws.params.cat, setting)
+        features = task_features(ws, cat_params.exemplars, cat_params.feature_alpha)
+        pieces, by_piece = cat_removals(ws, cat_params, features)
+        vectors = cat.trimmed_vectors(pieces, ws.task_vectors, by_piece, cat_params.rescale)
+        extra = (pieces, by_piece, features)
+    total = sum_task_vectors(vectors)  # B_k does not depend on alpha: one trim serves the whole grid
+    curve = {alpha: val_average(ws, total, alpha) for alpha in alphas}
     best = max(range(len(alphas)), key=lambda j: (curve[alphas[j]], -j))
     alpha = alphas[best]
-    vectors, extra = vectors_at(alpha)
-    total = sum_task_vectors(vectors)
     merged = apply_task_vector(ws.pretrained, total, alpha)
     test = ws.score(merged, "test")
     result = {
