@@ -69,15 +69,15 @@ def load_features(path: str | Path) -> tuple[dict[str, LayerInput], dict[str, to
     return linear, sum_squares, read_metadata(path)
 
 
-def layer_inputs(tensors: dict[str, torch.Tensor], name: str) -> tuple[dict[str, LayerInput], dict[str, torch.Tensor]]:
-    """Compressed features (`capture`, or a features file named `name`) -> (linear inputs, norm sums of squares)."""
-    path = name
+def layer_inputs(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict[str, LayerInput], dict[str, torch.Tensor]]:
+    """Compressed features (from `capture`, or the features file `source`, named in errors) ->
+    (linear inputs, norm sums of squares)."""
     linear: dict[str, LayerInput] = {}
     sum_squares: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         name, _, form = key.rpartition(".")
         if not torch.isfinite(value).all():
-            raise ArtifactError(f"{path}: {key} contains NaN or Inf")
+            raise ArtifactError(f"{source}: {key} contains NaN or Inf")
         if form == ROWS:
             linear[name] = LayerInput(rows=value.double())
         elif form == GRAM:
@@ -85,5 +85,5 @@ def layer_inputs(tensors: dict[str, torch.Tensor], name: str) -> tuple[dict[str,
         elif form == SUM_SQUARES:
             sum_squares[name] = value.double()
         else:
-            raise ArtifactError(f"{path}: unexpected key {key!r} (expected <input>.rows, .gram or .sum_squares)")
+            raise ArtifactError(f"{source}: unexpected key {key!r} (expected <input>.rows, .gram or .sum_squares)")
     return linear, sum_squares
