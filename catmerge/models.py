@@ -1,4 +1,10 @@
-"""Models built from architecture configs (see configs.py): open_clip image towers, CLIP pairs."""
+"""Models built from architecture configs (see configs.py): image towers of two families (open_clip
+`VisionTransformer`, HF transformers CLIP vision model with its projection) and open_clip CLIP pairs.
+
+A config's `family` says which: "open_clip" (the default) or "hf_clip". Either way the tower maps
+normalized images (N, 3, H, W) to image embeddings, so training, scoring and capture code does
+not care which family it runs.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +21,28 @@ IMAGE_STD = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
 
 
 def create_image_tower(name: str) -> nn.Module:
-    """The open_clip VisionTransformer of config `name`, randomly initialised, in eval mode."""
+    """The image tower of config `name`, randomly initialised, in eval mode."""
     config = model_config(name)
+    if config.get("family", "open_clip") == "hf_clip":
+        return hf_clip_image_tower(config).eval()
     tower = _build_vision_tower(config["embed_dim"], config["vision_cfg"])
     return tower.eval()
+
+
+def hf_clip_image_tower(config: dict) -> nn.Module:
+    """HF `CLIPVisionModelWithProjection` whose forward maps pixel values to image embeddings.
+
+    Its state dict has the hub's CLIP keys (`vision_model.*`, `visual_projection.weight`), so a
+    `CLIPModel` or `CLIPVisionModel` checkpoint loads into it by key, without renaming.
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    class HFCLIPImageTower(CLIPVisionModelWithProjection):
+        def forward(self, pixel_values):  # noqa: D102 - images in, embeddings out, like open_clip's tower
+            return super().forward(pixel_values=pixel_values).image_embeds
+
+    vision = CLIPVisionConfig(projection_dim=config["embed_dim"], **config["vision_cfg"])
+    return HFCLIPImageTower(vision)
 
 
 def load_into(model: nn.Module, path) -> nn.Module:

@@ -2,16 +2,16 @@
 
 An adapter module has `NAME`, `matches(model)`, `pieces(shapes, qkv)` (every float parameter as
 CAT pieces with its family and input) and `capture_inputs(model, images)` (input rows of every
-linear layer and x_hat of every norm, keyed by the names `pieces` uses). Adding a family (HF CLIP,
-BERT/RoBERTa) is one new module listed here.
+linear layer and x_hat of every norm, keyed by the names `pieces` uses). Adding a family is one
+new module listed here.
 """
 
 from types import ModuleType
 
-from . import open_clip_vit
+from . import hf_clip_vision, open_clip_vit
 from .pieces import Piece
 
-ADAPTERS: dict[str, ModuleType] = {open_clip_vit.NAME: open_clip_vit}
+ADAPTERS: dict[str, ModuleType] = {m.NAME: m for m in (open_clip_vit, hf_clip_vision)}
 
 
 def adapter_for(model) -> ModuleType:
