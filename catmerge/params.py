@@ -106,19 +106,69 @@ class PcbParams(Strict):
     alpha: float = Field(default=1.0, gt=0, description="scaling of the merged task vector")
 
 
+SHA256 = r"^[0-9a-fA-F]{64}$"
+
+
+class HubModel(Strict):
+    repo: str = Field(min_length=1, description="hub repo id, e.g. openai/clip-vit-base-patch32")
+    revision: str = Field(default="main", min_length=1, description="branch, tag or commit")
+    sha256: str | None = Field(default=None, pattern=SHA256, description="pin of the weights file; a mismatch stops the stage")
+
+
+class HubExperts(Strict):
+    repo: str = Field(default="tanganke/clip-vit-base-patch32_{task}", description="repo id; {task} is the task name")
+    revision: str = Field(default="main", min_length=1)
+    revisions: dict[str, str] = Field(default={}, description="per-task revision, overriding `revision`")
+    sha256: dict[str, str] = Field(default={}, description="per-task pin of the expert weights file")
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, pins: dict[str, str]) -> dict[str, str]:
+        import re
+
+        bad = {t: v for t, v in pins.items() if not re.fullmatch(SHA256, v)}
+        if bad:
+            raise ValueError(f"not 64 hex digits: {bad}")
+        return pins
+
+
+class HubParams(Strict):
+    """Where `source: hf` takes models and datasets from (catmerge/hf_clip.py, catmerge/hub_datasets.py)."""
+
+    pretrained: HubModel = HubModel(repo="openai/clip-vit-base-patch32")
+    experts: HubExperts = HubExperts()
+    allow_pickle: bool = Field(default=False, description="convert a pytorch_model.bin-only repo (a pickle) once to safetensors")
+    val_fraction: float = Field(default=0.1, gt=0, lt=1, description="share of each train split held out for validation")
+    datasets: dict[str, dict[str, Any]] = Field(default={}, description="per-task overrides of catmerge/hub_datasets.py HUB_TASKS")
+
+    @field_validator("datasets")
+    @classmethod
+    def _known_fields(cls, overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from .hub_datasets import HUB_TASK_FIELDS
+
+        for task, fields in overrides.items():
+            unknown = sorted(set(fields) - set(HUB_TASK_FIELDS))
+            if unknown:
+                raise ValueError(f"{task}: unknown field(s) {unknown}; allowed: {', '.join(HUB_TASK_FIELDS)}")
+        return overrides
+
+
 class EvaluateParams(Strict):
     batch_size: int = Field(default=512, ge=1)
 
 
 class Params(Strict):
     tasks: list[str] = Field(min_length=1)
-    source: Literal["builtin"] = "builtin"
+    # builtin: the offline benchmark (pretrained and experts trained here); hf: CLIP checkpoints and
+    # datasets from the Hugging Face hub (block `hub`)
+    source: Literal["builtin", "hf"] = "builtin"
     model: str
     seed: int = Field(ge=0, description="seed of pretraining and expert fine-tuning")
     data_seed: int = Field(ge=0, description="seed of the train/val/test split of the source images")
     datasets: DatasetParams = DatasetParams()
-    pretrain: PretrainParams
-    finetune: TrainingParams
+    pretrain: PretrainParams | None = None  # source builtin only
+    finetune: TrainingParams | None = None  # source builtin only
+    hub: HubParams = HubParams()
     task_vectors: TaskVectorParams = TaskVectorParams()
     merge: MergeParams
     cat: CatParams = CatParams()
@@ -129,10 +179,25 @@ class Params(Strict):
     # Candidate grids chosen on validation by stage `select`: {method: {param: [values]}}.
     select: dict[str, dict[str, list[Any]]] = {}
 
-    @field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        return _known_and_unique(tasks, list(TASKS), "builtin task")
+    @model_validator(mode="after")
+    def _tasks_and_model_fit_the_source(self) -> Params:
+        from .configs import model_config
+        from .hub_datasets import HUB_TASKS
+
+        family = model_config(self.model).get("family", "open_clip")
+        if self.source == "builtin":
+            _known_and_unique(self.tasks, list(TASKS), "builtin task")
+            missing = [k for k in ("pretrain", "finetune") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"source builtin trains its models: params {', '.join(missing)} are required")
+            if family != "open_clip":
+                raise ValueError(f"source builtin trains open_clip towers; model {self.model!r} is of family {family}")
+        else:
+            _known_and_unique(self.tasks, sorted(set(HUB_TASKS) | set(self.hub.datasets)), "hub task (or hub.datasets entry)")
+            if family != "hf_clip":
+                raise ValueError(f"source hf reads transformers CLIP checkpoints; model {self.model!r} is of family {family} "
+                                 f"(use an hf_clip config such as hf-clip-vit-b-32)")
+        return self
 
     @field_validator("model")
     @classmethod

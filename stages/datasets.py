@@ -1,8 +1,12 @@
-"""Stage `datasets@<task>`: the task's train / val / test splits as HF parquet, plus info.json."""
+"""Stage `datasets@<task>`: the task's train / val / test splits as HF parquet, plus info.json.
+
+source `builtin`: the packaged images of the offline benchmark (catmerge/benchmark/).
+source `hf`: the task's hub dataset (catmerge/hub_datasets.py), validation carved from train with
+`data_seed`, images resized and center-cropped to the model's input size.
+"""
 
 import numpy as np
 
-from catmerge.benchmark.tasks import get_task
 from catmerge.cli import check_task_argument, run_stage
 from catmerge.data import SPLITS, write_split
 from catmerge.io import atomic_dir, write_json
@@ -16,30 +20,47 @@ def _cap(n: int, limit: int | None, seed: list[int]) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
 
 
+def builtin_splits(params, task: str) -> tuple[dict, dict]:
+    from catmerge.benchmark.tasks import get_task
+
+    spec = get_task(task)
+    pools = spec.build(params.data_seed)
+    info = {"description": spec.description, "class_names": spec.class_names, "templates": spec.templates}
+    return {s: (pools[s].images, pools[s].labels) for s in SPLITS}, info
+
+
+def hub_splits(params, task: str) -> tuple[dict, dict]:
+    from catmerge.configs import model_config
+    from catmerge.hub_datasets import carve_validation, hub_task, load_split
+
+    spec = hub_task(task, params.hub.datasets.get(task))
+    size = model_config(params.model)["vision_cfg"]["image_size"]
+    train, test = load_split(task, spec, "train", size), load_split(task, spec, "test", size)
+    if train.class_names != test.class_names:
+        raise ValueError(f"dataset {spec.repo}: train and test splits name different classes")
+    keep, val = carve_validation(train.labels, params.hub.val_fraction, [params.data_seed, 98])
+    splits = {"train": (train.images[keep], train.labels[keep]), "val": (train.images[val], train.labels[val]),
+              "test": (test.images, test.labels)}
+    info = {"description": f"{spec.repo} (hub)", "class_names": train.class_names, "templates": spec.templates,
+            "hub_files": [f.record("dataset") for f in train.files + test.files], "image_size": size,
+            "val_fraction": params.hub.val_fraction}
+    return splits, info
+
+
 def main(task: str) -> None:
     params = load_params()
-    spec = get_task(check_task_argument(params, task))
-    pools = spec.build(params.data_seed)
+    check_task_argument(params, task)
+    splits, info = (builtin_splits if params.source == "builtin" else hub_splits)(params, task)
     limits = {"train": params.datasets.max_train, "val": params.datasets.max_val, "test": params.datasets.max_test}
     counts = {}
     with atomic_dir(dataset_dir(task)) as out:
         for i, split in enumerate(SPLITS):
-            pool = pools[split]
-            keep = _cap(len(pool.labels), limits[split], [params.data_seed, 99, i])
-            write_split(pool.images[keep], pool.labels[keep], spec.class_names, out / f"{split}.parquet")
+            images, labels = splits[split]
+            keep = _cap(len(labels), limits[split], [params.data_seed, 99, i])
+            write_split(images[keep], labels[keep], info["class_names"], out / f"{split}.parquet")
             counts[split] = len(keep)
-        write_json(
-            {
-                "task": task,
-                "description": spec.description,
-                "source": params.source,
-                "class_names": spec.class_names,
-                "templates": spec.templates,
-                "counts": counts,
-                "data_seed": params.data_seed,
-            },
-            out / "info.json",
-        )
+        head = {"task": task, "description": info.pop("description"), "source": params.source}
+        write_json({**head, **info, "counts": counts, "data_seed": params.data_seed}, out / "info.json")
     print(f"{task}: {counts}")
 
 

@@ -3,6 +3,9 @@
 source `builtin`: the head is built from the task's class-name prompts through the pretrained
 text tower; the expert is the pretrained image tower fine-tuned on the task's train split
 against that frozen head.
+source `hf`: the expert is the task's hub checkpoint (`hub.experts`; a vision-only checkpoint
+gets the pretrained visual projection), checked against theta_0's keys and shapes; the head is
+built from the pretrained CLIP text tower, cached per text tower and label set.
 """
 
 import torch
@@ -19,7 +22,43 @@ from catmerge.params import load_params
 def main(task: str) -> None:
     params = load_params()
     check_task_argument(params, task)
-    info = read_json(dataset_dir(task) / "info.json")
+    (builtin if params.source == "builtin" else from_hub)(params, task, read_json(dataset_dir(task) / "info.json"))
+
+
+def from_hub(params, task: str, info: dict) -> None:
+    from catmerge.hf_clip import PROJECTION, fetch_weights, head_cache_dir, image_tower_weights, zero_shot_head
+    from catmerge.layout import PRETRAINED_DIR
+
+    hub = params.hub.experts
+    repo, revision = hub.repo.format(task=task), hub.revisions.get(task, hub.revision)
+    state, weights_file = fetch_weights(repo, revision, hub.sha256.get(task), params.hub.allow_pickle)
+    pretrained = load_weights(PRETRAINED_TOWER)
+    expert = image_tower_weights(state, pretrained, f"{repo}/{weights_file.filename}", projection=pretrained.get(PROJECTION))
+    head = zero_shot_head(PRETRAINED_DIR / "text", info["class_names"], info["templates"], head_cache_dir())
+    logit_scale = load_weights(PRETRAINED_DIR / "text" / "text_tower.safetensors").get("logit_scale", torch.tensor(4.6052)).exp()
+    meta = {"model": params.model, "task": task}
+    with atomic_dir(expert_dir(task)) as out:
+        save_weights(expert, out / "expert.safetensors", meta)
+        save_weights({"weight": head, "logit_scale": logit_scale.reshape(1)}, out / "head.safetensors", meta)
+        write_json(
+            {
+                "task": task,
+                "source": params.source,
+                "model": params.model,
+                "class_names": info["class_names"],
+                "templates": info["templates"],
+                "hub": [weights_file.record()],
+                "projection_from_pretrained": PROJECTION not in state,
+                "files": [
+                    file_record(out / "expert.safetensors", out, f"hf:{repo}@{weights_file.revision}"),
+                    file_record(out / "head.safetensors", out, "hf:zero-shot-head"),
+                ],
+            },
+            out / "manifest.json",
+        )
+
+
+def builtin(params, task: str, info: dict) -> None:
     train = read_split(dataset_dir(task) / "train.parquet")
     generator = seed_everything(task_seed(params.seed, task))
 

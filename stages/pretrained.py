@@ -1,7 +1,9 @@
-"""Stage `pretrained`: the pretrained image tower theta_0 and the text projection.
+"""Stage `pretrained`: the pretrained image tower theta_0, and what zero-shot heads need of the text side.
 
 source `builtin`: contrastive pretraining of a tiny open_clip ViT against the frozen MiniLM text
 tower, on generic captions over the training splits of every packaged image source.
+source `hf`: the image and text towers of a transformers `CLIPModel` checkpoint on the hub
+(`hub.pretrained`), read as safetensors and checked against the model config.
 """
 
 import numpy as np
@@ -18,6 +20,37 @@ from catmerge.params import load_params
 
 def main() -> None:
     params = load_params()
+    (builtin if params.source == "builtin" else from_hub)(params)
+
+
+def from_hub(params) -> None:
+    from catmerge.hf_clip import fetch_weights, image_tower_weights, save_text_tower
+    from catmerge.hub import fetch
+    from catmerge.io import read_json
+    from catmerge.models import create_image_tower
+
+    hub = params.hub.pretrained
+    config_file = fetch(hub.repo, "config.json", hub.revision)
+    state, weights_file = fetch_weights(hub.repo, hub.revision, hub.sha256, params.hub.allow_pickle)
+    expected = create_image_tower(params.model).state_dict()
+    tower = image_tower_weights(state, expected, f"{hub.repo}/{weights_file.filename}")
+    with atomic_dir(PRETRAINED_DIR) as out:
+        save_weights(tower, out / PRETRAINED_TOWER.name, {"model": params.model})
+        tokenizer = save_text_tower(state, read_json(config_file.path), hub.repo, hub.revision, out / "text")
+        written = [out / PRETRAINED_TOWER.name, *sorted((out / "text").iterdir())]
+        write_json(
+            {
+                "source": params.source,
+                "model": params.model,
+                "hub": [f.record() for f in (weights_file, config_file, *tokenizer)],
+                "torch": torch.__version__,
+                "files": [file_record(p, out, f"hf:{hub.repo}@{weights_file.revision}") for p in written],
+            },
+            out / "manifest.json",
+        )
+
+
+def builtin(params) -> None:
     generator = seed_everything(params.seed)
     clip = create_clip(params.model)
     encoder = FrozenTextEncoder(clip, params.model)
