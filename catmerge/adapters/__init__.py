@@ -8,10 +8,10 @@ new module listed here.
 
 from types import ModuleType
 
-from . import hf_clip_vision, open_clip_vit
+from . import hf_bert, hf_clip_vision, open_clip_vit
 from .pieces import Piece
 
-ADAPTERS: dict[str, ModuleType] = {m.NAME: m for m in (open_clip_vit, hf_clip_vision)}
+ADAPTERS: dict[str, ModuleType] = {m.NAME: m for m in (open_clip_vit, hf_clip_vision, hf_bert)}
 
 
 def adapter_for(model) -> ModuleType:
