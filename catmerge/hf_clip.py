@@ -1,10 +1,8 @@
-"""HF transformers CLIP checkpoints from the hub: the pretrained image tower, experts, and
+"""HF transformers CLIP checkpoints (hub or disk): the pretrained image tower, experts, and
 zero-shot heads from the pretrained text tower.
 
 Checkpoints are read as safetensors state dicts, never through `from_pretrained` (which could run
-a pickle or remote code). A repo that has only `pytorch_model.bin` (a pickle) is refused unless
-`allow_pickle` is set; then it is read once with torch's restricted `weights_only` loader and
-written back as safetensors by the calling stage, so nothing downstream ever unpickles.
+a pickle or remote code); a `pytorch_model.bin`-only repo needs `allow_pickle` (catmerge/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -18,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .hub import HubFile, fetch, has_file
+from .checkpoints import fetch_checkpoint, fetch_file, holds
+from .hub import HubFile
 from .io import ArtifactError, StateDict, atomic_path, load_weights, save_weights
 
 SAFETENSORS, PICKLE = "model.safetensors", "pytorch_model.bin"
@@ -27,21 +26,10 @@ VISION_PREFIX, PROJECTION = "vision_model.", "visual_projection.weight"
 TEXT_PREFIX, TEXT_PROJECTION = "text_model.", "text_projection.weight"
 
 
-def fetch_weights(repo: str, revision: str, sha256: str | None, allow_pickle: bool) -> tuple[StateDict, HubFile]:
-    """A hub checkpoint's state dict: `model.safetensors`, or (only with `allow_pickle`) the
-    tensors of `pytorch_model.bin`."""
-    if has_file(repo, SAFETENSORS, revision) or not has_file(repo, PICKLE, revision):
-        hub_file = fetch(repo, SAFETENSORS, revision, sha256)
-        return load_weights(hub_file.path), hub_file
-    if not allow_pickle:
-        raise ArtifactError(f"model repo {repo} (revision {revision}) has only {PICKLE}, a pickle, which can run code when "
-                            f"loaded; set `hub.allow_pickle: true` in params.yaml to convert it once to safetensors")
-    hub_file = fetch(repo, PICKLE, revision, sha256)
-    try:
-        state = torch.load(hub_file.path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - the restricted unpickler refuses anything but tensors
-        raise ArtifactError(f"{repo}/{PICKLE}: not a plain tensor state dict ({exc})") from None
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, hub_file
+def fetch_weights(ref: str, revision: str, sha256: str | None, allow_pickle: bool) -> tuple[StateDict, HubFile]:
+    """A transformers checkpoint's tensors: `model.safetensors`, or (only with `allow_pickle`)
+    `pytorch_model.bin`; `ref` is a hub repo id or a local directory or file."""
+    return fetch_checkpoint(ref, revision, sha256, allow_pickle, (SAFETENSORS,), (PICKLE,))
 
 
 def image_tower_weights(state: StateDict, expected: StateDict, source: str, projection: torch.Tensor | None = None) -> StateDict:
@@ -81,7 +69,7 @@ def save_text_tower(state: StateDict, config: dict, repo: str, revision: str, ou
     save_weights(text, out / "text_tower.safetensors")
     with atomic_path(out / "config.json") as tmp:
         tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    fetched = [fetch(repo, name, revision) for name in TOKENIZER_FILES if has_file(repo, name, revision)]
+    fetched = [fetch_file(repo, name, revision) for name in TOKENIZER_FILES if holds(repo, name, revision)]
     if not any(f.filename in ("tokenizer.json", "vocab.json") for f in fetched):
         raise ArtifactError(f"model repo {repo} (revision {revision}): no tokenizer (tokenizer.json or vocab.json + merges.txt)")
     for hub_file in fetched:

@@ -11,11 +11,13 @@ Any entry can be overridden, or a new task added, under `hub.datasets.<task>` in
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
+from .checkpoints import is_local
 from .hub import HubFile, fetch_matching
-from .io import ArtifactError
+from .io import ArtifactError, sha256_file
 
 OBJECT_TEMPLATES = ["a photo of a {}.", "a bad photo of a {}.", "a photo of the large {}.", "a photo of the small {}.",
                     "a cropped photo of a {}.", "a close-up photo of a {}."]
@@ -80,7 +82,8 @@ def load_split(task: str, spec: HubTask, split: str, size: int) -> LoadedSplit:
     """One split of a hub task: fetched, decoded with `datasets`, resized and center-cropped."""
     import datasets
 
-    files = fetch_matching(spec.repo, spec.files.format(split=spec.splits[split]), spec.revision)
+    pattern = spec.files.format(split=spec.splits[split])
+    files = local_matching(spec.repo, pattern) if is_local(spec.repo) else fetch_matching(spec.repo, pattern, spec.revision)
     where = f"dataset {spec.repo} ({task}, split {split})"
     ds = datasets.load_dataset("parquet", data_files=[str(f.path) for f in files], split="train")
     for column in (spec.image_column, spec.label_column):
@@ -95,6 +98,14 @@ def load_split(task: str, spec: HubTask, split: str, size: int) -> LoadedSplit:
         raise ArtifactError(f"{where}: labels outside 0..{len(names) - 1}")
     images = np.stack([center_crop(image, size) for image in ds.cast_column(spec.image_column, datasets.Image())[spec.image_column]])
     return LoadedSplit(images, labels, names, files)
+
+
+def local_matching(directory: str, pattern: str) -> list[HubFile]:
+    root = Path(directory).expanduser()
+    paths = sorted(p for p in root.glob(pattern) if p.is_file())
+    if not paths:
+        raise ArtifactError(f"{root}: no file matching {pattern!r}")
+    return [HubFile(p.resolve(), str(root), p.relative_to(root).as_posix(), "local", sha256_file(p)) for p in paths]
 
 
 def center_crop(image, size: int) -> np.ndarray:

@@ -25,7 +25,7 @@ def create_image_tower(name: str) -> nn.Module:
     config = model_config(name)
     if config.get("family", "open_clip") == "hf_clip":
         return hf_clip_image_tower(config).eval()
-    tower = _build_vision_tower(config["embed_dim"], config["vision_cfg"])
+    tower = _build_vision_tower(config["embed_dim"], config["vision_cfg"], quick_gelu=config.get("quick_gelu", False))
     return tower.eval()
 
 
@@ -52,6 +52,21 @@ def load_into(model: nn.Module, path) -> nn.Module:
     except RuntimeError as exc:
         raise ArtifactError(f"{path} does not fit the model architecture: {exc}") from None
     return model
+
+
+def create_full_clip(name: str) -> tuple[nn.Module, object]:
+    """(open_clip CLIP of config `name` with random weights, its tokenizer): for zero-shot heads
+    from a checkpoint's text tower. Our configs with an HF text tower use `create_clip`."""
+    import open_clip
+
+    config = model_config(name)
+    text_cfg = config.get("text_cfg", {})
+    if "hf_model_name" in text_cfg:
+        from open_clip.tokenizer import HFTokenizer
+
+        return create_clip(name), HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=text_cfg.get("context_length", 32))
+    clip = open_clip.CLIP(config["embed_dim"], config["vision_cfg"], text_cfg, quick_gelu=config.get("quick_gelu", False))
+    return clip.eval(), open_clip.tokenizer.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
 
 
 def create_clip(name: str) -> CustomTextCLIP:

@@ -110,13 +110,14 @@ SHA256 = r"^[0-9a-fA-F]{64}$"
 
 
 class HubModel(Strict):
-    repo: str = Field(min_length=1, description="hub repo id, e.g. openai/clip-vit-base-patch32")
+    repo: str = Field(min_length=1, description="hub repo id (e.g. openai/clip-vit-base-patch32) or a local directory / file")
+    tag: str | None = Field(default=None, description="source open_clip: open_clip's pretrained tag (e.g. openai), instead of repo")
     revision: str = Field(default="main", min_length=1, description="branch, tag or commit")
     sha256: str | None = Field(default=None, pattern=SHA256, description="pin of the weights file; a mismatch stops the stage")
 
 
 class HubExperts(Strict):
-    repo: str = Field(default="tanganke/clip-vit-base-patch32_{task}", description="repo id; {task} is the task name")
+    repo: str = Field(default="tanganke/clip-vit-base-patch32_{task}", description="repo id or local path; {task} is the task name")
     revision: str = Field(default="main", min_length=1)
     revisions: dict[str, str] = Field(default={}, description="per-task revision, overriding `revision`")
     sha256: dict[str, str] = Field(default={}, description="per-task pin of the expert weights file")
@@ -159,9 +160,10 @@ class EvaluateParams(Strict):
 
 class Params(Strict):
     tasks: list[str] = Field(min_length=1)
-    # builtin: the offline benchmark (pretrained and experts trained here); hf: CLIP checkpoints and
-    # datasets from the Hugging Face hub (block `hub`)
-    source: Literal["builtin", "hf"] = "builtin"
+    # builtin: the offline benchmark (pretrained and experts trained here); hf: transformers CLIP
+    # checkpoints and datasets from the Hugging Face hub (block `hub`); local: the same from local
+    # paths; open_clip: open_clip checkpoints (pretrained by tag, experts incl. Task Arithmetic's)
+    source: Literal["builtin", "hf", "local", "open_clip"] = "builtin"
     model: str
     seed: int = Field(ge=0, description="seed of pretraining and expert fine-tuning")
     data_seed: int = Field(ge=0, description="seed of the train/val/test split of the source images")
@@ -192,11 +194,19 @@ class Params(Strict):
                 raise ValueError(f"source builtin trains its models: params {', '.join(missing)} are required")
             if family != "open_clip":
                 raise ValueError(f"source builtin trains open_clip towers; model {self.model!r} is of family {family}")
-        else:
-            _known_and_unique(self.tasks, sorted(set(HUB_TASKS) | set(self.hub.datasets)), "hub task (or hub.datasets entry)")
-            if family != "hf_clip":
-                raise ValueError(f"source hf reads transformers CLIP checkpoints; model {self.model!r} is of family {family} "
-                                 f"(use an hf_clip config such as hf-clip-vit-b-32)")
+            return self
+        _known_and_unique(self.tasks, sorted(set(HUB_TASKS) | set(self.hub.datasets)), "hub task (or hub.datasets entry)")
+        wanted = "open_clip" if self.source == "open_clip" else "hf_clip"
+        if family != wanted:
+            example = "ViT-B-32-quickgelu" if wanted == "open_clip" else "hf-clip-vit-b-32"
+            raise ValueError(f"source {self.source} reads {wanted} checkpoints; model {self.model!r} is of family {family} "
+                             f"(use e.g. {example})")
+        if self.source == "local":
+            from .checkpoints import is_local
+
+            for where, ref in (("hub.pretrained.repo", self.hub.pretrained.repo), ("hub.experts.repo", self.hub.experts.repo)):
+                if not is_local(ref.replace("{task}", self.tasks[0])):
+                    raise ValueError(f"source local: {where} = {ref!r} is not a local path (start it with / or ./)")
         return self
 
     @field_validator("model")

@@ -3,9 +3,11 @@
 source `builtin`: the head is built from the task's class-name prompts through the pretrained
 text tower; the expert is the pretrained image tower fine-tuned on the task's train split
 against that frozen head.
-source `hf`: the expert is the task's hub checkpoint (`hub.experts`; a vision-only checkpoint
-gets the pretrained visual projection), checked against theta_0's keys and shapes; the head is
-built from the pretrained CLIP text tower, cached per text tower and label set.
+source `hf` / `local` / `open_clip`: the expert is the task's checkpoint (`hub.experts`: a hub
+repo id or local path, `{task}` filled in; a transformers vision-only checkpoint gets the
+pretrained visual projection; an open_clip one may be a Task Arithmetic `finetuned.pt` pickle,
+with `hub.allow_pickle`), checked against theta_0's keys and shapes; the head is built from the
+pretrained CLIP text tower, cached per text tower and label set.
 """
 
 import torch
@@ -22,7 +24,24 @@ from catmerge.params import load_params
 def main(task: str) -> None:
     params = load_params()
     check_task_argument(params, task)
-    (builtin if params.source == "builtin" else from_hub)(params, task, read_json(dataset_dir(task) / "info.json"))
+    source = {"builtin": builtin, "hf": from_hub, "local": from_hub, "open_clip": from_open_clip}[params.source]
+    source(params, task, read_json(dataset_dir(task) / "info.json"))
+
+
+def from_open_clip(params, task: str, info: dict) -> None:
+    from catmerge import open_clip_source
+    from catmerge.hf_clip import head_cache_dir
+    from catmerge.layout import PRETRAINED_DIR
+
+    hub = params.hub.experts
+    ref, revision = hub.repo.format(task=task), hub.revisions.get(task, hub.revision)
+    state, weights_file = open_clip_source.fetch_clip(ref, revision, hub.sha256.get(task), params.hub.allow_pickle)
+    pretrained = load_weights(PRETRAINED_TOWER)
+    expert = open_clip_source.image_tower_weights(state, pretrained, f"{ref}/{weights_file.filename}")
+    text_file = PRETRAINED_DIR / open_clip_source.TEXT_TOWER
+    head = open_clip_source.zero_shot_head(params.model, text_file, info["class_names"], info["templates"], head_cache_dir())
+    logit_scale = load_weights(text_file).get("logit_scale", torch.tensor(4.6052)).exp()
+    write_expert(params, task, info, expert, head, logit_scale, weights_file, f"open_clip:{ref}@{weights_file.revision}", {})
 
 
 def from_hub(params, task: str, info: dict) -> None:
@@ -36,6 +55,11 @@ def from_hub(params, task: str, info: dict) -> None:
     expert = image_tower_weights(state, pretrained, f"{repo}/{weights_file.filename}", projection=pretrained.get(PROJECTION))
     head = zero_shot_head(PRETRAINED_DIR / "text", info["class_names"], info["templates"], head_cache_dir())
     logit_scale = load_weights(PRETRAINED_DIR / "text" / "text_tower.safetensors").get("logit_scale", torch.tensor(4.6052)).exp()
+    extra = {"projection_from_pretrained": PROJECTION not in state}
+    write_expert(params, task, info, expert, head, logit_scale, weights_file, f"hf:{repo}@{weights_file.revision}", extra)
+
+
+def write_expert(params, task, info, expert, head, logit_scale, weights_file, origin: str, extra: dict) -> None:
     meta = {"model": params.model, "task": task}
     with atomic_dir(expert_dir(task)) as out:
         save_weights(expert, out / "expert.safetensors", meta)
@@ -48,10 +72,10 @@ def from_hub(params, task: str, info: dict) -> None:
                 "class_names": info["class_names"],
                 "templates": info["templates"],
                 "hub": [weights_file.record()],
-                "projection_from_pretrained": PROJECTION not in state,
+                **extra,
                 "files": [
-                    file_record(out / "expert.safetensors", out, f"hf:{repo}@{weights_file.revision}"),
-                    file_record(out / "head.safetensors", out, "hf:zero-shot-head"),
+                    file_record(out / "expert.safetensors", out, origin),
+                    file_record(out / "head.safetensors", out, f"{params.source}:zero-shot-head"),
                 ],
             },
             out / "manifest.json",

@@ -2,8 +2,10 @@
 
 source `builtin`: contrastive pretraining of a tiny open_clip ViT against the frozen MiniLM text
 tower, on generic captions over the training splits of every packaged image source.
-source `hf`: the image and text towers of a transformers `CLIPModel` checkpoint on the hub
-(`hub.pretrained`), read as safetensors and checked against the model config.
+source `hf` / `local`: the image and text towers of a transformers `CLIPModel` checkpoint
+(`hub.pretrained`: a hub repo id, or a local directory), checked against the model config.
+source `open_clip`: an open_clip CLIP checkpoint (`hub.pretrained.tag`, e.g. openai, resolved by
+open_clip to its hub repo; or `hub.pretrained.repo`).
 """
 
 import numpy as np
@@ -20,17 +22,43 @@ from catmerge.params import load_params
 
 def main() -> None:
     params = load_params()
-    (builtin if params.source == "builtin" else from_hub)(params)
+    {"builtin": builtin, "hf": from_hub, "local": from_hub, "open_clip": from_open_clip}[params.source](params)
+
+
+def from_open_clip(params) -> None:
+    from catmerge import open_clip_source
+    from catmerge.models import create_image_tower
+
+    hub = params.hub.pretrained
+    ref = open_clip_source.pretrained_ref(params.model, hub.repo, hub.tag)
+    state, weights_file = open_clip_source.fetch_clip(ref, hub.revision, hub.sha256, params.hub.allow_pickle)
+    expected = create_image_tower(params.model).state_dict()
+    tower = open_clip_source.image_tower_weights(state, expected, f"{ref}/{weights_file.filename}")
+    meta = {"model": params.model}
+    with atomic_dir(PRETRAINED_DIR) as out:
+        save_weights(tower, out / PRETRAINED_TOWER.name, meta)
+        save_weights(open_clip_source.text_tower_weights(state), out / open_clip_source.TEXT_TOWER, meta)
+        written = [out / PRETRAINED_TOWER.name, out / open_clip_source.TEXT_TOWER]
+        write_json(
+            {
+                "source": params.source,
+                "model": params.model,
+                "hub": [weights_file.record()],
+                "torch": torch.__version__,
+                "files": [file_record(p, out, f"open_clip:{ref}@{weights_file.revision}") for p in written],
+            },
+            out / "manifest.json",
+        )
 
 
 def from_hub(params) -> None:
+    from catmerge.checkpoints import fetch_file
     from catmerge.hf_clip import fetch_weights, image_tower_weights, save_text_tower
-    from catmerge.hub import fetch
     from catmerge.io import read_json
     from catmerge.models import create_image_tower
 
     hub = params.hub.pretrained
-    config_file = fetch(hub.repo, "config.json", hub.revision)
+    config_file = fetch_file(hub.repo, "config.json", hub.revision)
     state, weights_file = fetch_weights(hub.repo, hub.revision, hub.sha256, params.hub.allow_pickle)
     expected = create_image_tower(params.model).state_dict()
     tower = image_tower_weights(state, expected, f"{hub.repo}/{weights_file.filename}")

@@ -24,7 +24,7 @@ HUB_PARAMS = {
     "source": "hf",
     "model": "micro-hf-clip",
     "hub": {
-        "pretrained": {"repo": PRETRAINED, "revision": "main", "sha256": None},
+        "pretrained": {"repo": PRETRAINED, "tag": None, "revision": "main", "sha256": None},
         "experts": {"repo": "tanganke/clip-vit-base-patch32_{task}", "revision": "main", "revisions": {}, "sha256": {}},
         "allow_pickle": True,  # dtd's expert is a pytorch_model.bin
         "val_fraction": 0.2,
@@ -146,7 +146,9 @@ def test_a_file_missing_offline_fails_at_once_naming_the_repo_and_how_to_prefetc
     ("update", "message"),
     [
         ({"tasks": ["mnist_rotation"]}, "unknown hub task"),
-        ({"model": "micro-vit-minilm"}, "source hf reads transformers CLIP checkpoints"),
+        ({"model": "micro-vit-minilm"}, "source hf reads hf_clip checkpoints; model 'micro-vit-minilm' is of family open_clip"),
+        ({"source": "open_clip"}, "source open_clip reads open_clip checkpoints"),
+        ({"source": "local"}, "source local: hub.pretrained.repo = 'openai/clip-vit-base-patch32' is not a local path"),
         ({"source": "builtin", "tasks": ["mnist"]}, "source builtin trains open_clip towers"),
         ({"hub": {"datasets": {"mnist": {"colour": "red"}}}}, "hub.datasets"),
         ({"hub": {"experts": {"sha256": {"mnist": "abc"}}}}, "not 64 hex digits"),
@@ -157,3 +159,102 @@ def test_hub_params_are_validated(tmp_path, update, message):
     write_params(tmp_path / "params.yaml", params)
     with pytest.raises(ParamsError, match=message):
         load_params(tmp_path / "params.yaml")
+
+
+# ---- source open_clip: pretrained from a hub repo in open_clip's layout, experts as Task
+# Arithmetic-style pickled ImageEncoder modules on disk -------------------------------------------
+
+def task_arithmetic_pickle(clip, path) -> None:
+    """torch.save of an object of class `src.modeling.ImageEncoder` holding an open_clip CLIP, as
+    the Task Arithmetic authors' finetuned.pt files are; the class exists only while saving."""
+    import types
+
+    import torch
+
+    class ImageEncoder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+            self.cache_dir = None
+
+    ImageEncoder.__module__, ImageEncoder.__qualname__ = "src.modeling", "ImageEncoder"
+    module = types.ModuleType("src.modeling")
+    module.ImageEncoder = ImageEncoder
+    sys.modules.update({"src": types.ModuleType("src"), "src.modeling": module})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ImageEncoder(clip), path)
+    finally:
+        del sys.modules["src.modeling"], sys.modules["src"]
+
+
+@pytest.fixture(scope="module")
+def open_clip_inputs(hub_project, tmp_path_factory):
+    import torch
+    from safetensors.torch import save_file
+
+    from catmerge.models import create_full_clip
+
+    project, _, _ = hub_project
+    torch.manual_seed(1)
+    clip, _ = create_full_clip("micro-clip")
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()},
+              str(snapshot(project / ".hf", "test-org/micro-clip") / "open_clip_model.safetensors"))
+    root = tmp_path_factory.mktemp("task-arithmetic")
+    experts = {}
+    for task in TASKS:
+        with torch.no_grad():
+            for p in clip.visual.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        experts[task] = {k: v.clone() for k, v in clip.visual.state_dict().items()}
+        task_arithmetic_pickle(clip, root / task / "finetuned.pt")
+    update = {"source": "open_clip", "model": "micro-clip", "hub.pretrained.repo": "test-org/micro-clip",
+              "hub.experts.repo": f"{root}/{{task}}/finetuned.pt"}
+    return update, experts
+
+
+def test_open_clip_source_converts_task_arithmetic_pickles_bit_for_bit(hub_project, open_clip_inputs, tmp_path):
+    project, _, _ = hub_project
+    update, experts = open_clip_inputs
+    copy, proc = _stage_in_copy(project, tmp_path, update, ["stages.pretrained"])
+    assert proc.returncode == 0, proc.stderr
+    proc = run([sys.executable, "-m", "stages.experts", "mnist"], copy, check=False)
+    assert proc.returncode == 0, proc.stderr
+    expert = load_weights(copy / "data/experts/mnist/expert.safetensors")
+    assert set(expert) == set(experts["mnist"])
+    for key, value in experts["mnist"].items():
+        assert np.array_equal(expert[key].numpy(), value.numpy()), key
+    head = load_weights(copy / "data/experts/mnist/head.safetensors")["weight"]
+    assert tuple(head.shape) == (10, 32) and np.allclose(head.norm(dim=1).numpy(), 1.0, atol=1e-5)
+    manifest = json.loads((copy / "data/experts/mnist/manifest.json").read_text())
+    assert manifest["hub"][0]["file"] == "finetuned.pt" and manifest["hub"][0]["revision"] == "local"
+    assert manifest["hub"][0]["sha256"] == sha256_file(update["hub.experts.repo"].format(task="mnist"))
+
+
+def test_open_clip_pickles_are_refused_without_allow_pickle(hub_project, open_clip_inputs, tmp_path):
+    project, _, _ = hub_project
+    update, _ = open_clip_inputs
+    copy, proc = _stage_in_copy(project, tmp_path, {**update, "hub.allow_pickle": False}, ["stages.pretrained"])
+    assert proc.returncode == 0, proc.stderr  # the pretrained checkpoint is safetensors
+    proc = run([sys.executable, "-m", "stages.experts", "eurosat"], copy, check=False)
+    assert proc.returncode == 2 and "finetuned.pt is a pickle" in proc.stderr and "allow_pickle" in proc.stderr
+
+
+def test_a_malicious_pickle_is_never_opened_by_default(hub_project, tmp_path):
+    """A pickle that would create a file when unpickled: refused without allow_pickle, and the
+    file does not appear (nothing was unpickled)."""
+    import pickle
+
+    project, _, _ = hub_project
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = tmp_path / "evil" / "pytorch_model.bin"
+    bad.parent.mkdir()
+    bad.write_bytes(pickle.dumps(Payload()))
+    _, proc = _stage_in_copy(project, tmp_path, {"hub.experts.repo": str(bad.parent), "hub.allow_pickle": False}, ["stages.experts", "mnist"])
+    assert proc.returncode == 2 and "pytorch_model.bin is a pickle" in proc.stderr
+    assert not marker.exists()
