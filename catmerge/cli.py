@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from .io import ArtifactError
+from .io import ArtifactError, HubUnavailable
 from .params import Params, ParamsError
 
 # Bad params or bad input files: the message says everything, a traceback would only hide it.
@@ -33,6 +33,9 @@ def run_stage(name: str, main: Callable[..., None]) -> None:
         sys.exit(2)
     try:
         main(*args)
+    except HubUnavailable as exc:  # may pass: the Prefect flow retries these, and only these
+        print(f"[{name}] transient error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(75)
     except USER_ERRORS as exc:
         print(f"[{name}] error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -52,7 +52,8 @@ def capture(tower, weights: dict[str, torch.Tensor], images: torch.Tensor) -> tu
 
     tower.load_state_dict(weights)
     adapter = adapter_for(tower)
-    captured = adapter.capture_inputs(tower, normalize_images(images))
+    device = next(tower.parameters()).device
+    captured = {k: v.cpu() for k, v in adapter.capture_inputs(tower, normalize_images(images).to(device)).items()}
     shapes = {k: tuple(v.shape) for k, v in weights.items() if v.is_floating_point()}
     pieces = adapter.pieces(shapes, qkv="fused")
     missing = sorted({p.input for p in pieces if p.input is not None} - set(captured))

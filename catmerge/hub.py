@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from .io import ArtifactError, sha256_file
+from .io import ArtifactError, HubUnavailable, sha256_file
 
 HUB_HOST = "huggingface.co"
 
@@ -72,7 +72,12 @@ def _checked(path: Path, repo: str, filename: str, sha256: str | None) -> HubFil
 def fetch(repo: str, filename: str, revision: str = "main", sha256: str | None = None, kind: str = "model") -> HubFile:
     """One file of a hub repo (`kind` model or dataset), downloaded or taken from the cache."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     local = offline()
     try:
@@ -84,8 +89,8 @@ def fetch(repo: str, filename: str, revision: str = "main", sha256: str | None =
         raise ArtifactError(f"{kind} repo {repo} (revision {revision}) has no file {filename}") from None
     except RepositoryNotFoundError:
         raise ArtifactError(f"{kind} repo {repo} not found on the hub (or it is private: log in with `hf auth login`)") from None
-    except HfHubHTTPError as exc:
-        raise ArtifactError(f"{kind} repo {repo}: downloading {filename} failed: {exc}") from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise HubUnavailable(f"{kind} repo {repo}: downloading {filename} failed: {exc}") from None
     return _checked(Path(path), repo, filename, sha256)
 
 
@@ -114,8 +119,8 @@ def fetch_matching(repo: str, pattern: str, revision: str = "main", kind: str = 
                             f"{_prefetch_hint(repo, pattern, revision, kind)}") from None
     except RepositoryNotFoundError:
         raise ArtifactError(f"{kind} repo {repo} not found on the hub (or it is private: log in with `hf auth login`)") from None
-    except HfHubHTTPError as exc:
-        raise ArtifactError(f"{kind} repo {repo}: downloading {pattern} failed: {exc}") from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise HubUnavailable(f"{kind} repo {repo}: downloading {pattern} failed: {exc}") from None
     paths = sorted(p for p in root.rglob("*") if p.is_file() and fnmatch.fnmatch(p.relative_to(root).as_posix(), pattern))
     if not paths:
         raise ArtifactError(f"{kind} repo {repo} (revision {revision}) has no file matching {pattern!r}"

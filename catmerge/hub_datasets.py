@@ -128,7 +128,7 @@ def carve_validation(labels: np.ndarray, fraction: float, seed: list[int]) -> tu
     train, val = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        n_val = int(round(fraction * len(idx)))
+        n_val = round(fraction * len(idx))
         val.append(idx[:n_val])
         train.append(idx[n_val:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))

@@ -27,6 +27,10 @@ class ArtifactError(RuntimeError):
     """An input artifact is missing, unreadable or inconsistent; the message names the file."""
 
 
+class HubUnavailable(ArtifactError):
+    """A download failed in a way that may pass (network, server): worth a retry, unlike the rest."""
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -38,7 +38,7 @@ def hf_clip_image_tower(config: dict) -> nn.Module:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     class HFCLIPImageTower(CLIPVisionModelWithProjection):
-        def forward(self, pixel_values):  # noqa: D102 - images in, embeddings out, like open_clip's tower
+        def forward(self, pixel_values):
             return super().forward(pixel_values=pixel_values).image_embeds
 
     vision = CLIPVisionConfig(projection_dim=config["embed_dim"], **config["vision_cfg"])
@@ -84,14 +84,27 @@ def normalize_images(images_uint8: torch.Tensor) -> torch.Tensor:
     return (x - IMAGE_MEAN) / IMAGE_STD
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """Param `device`: auto (a GPU when torch sees one, else the CPU), cpu or cuda."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from .params import ParamsError
+
+        raise ParamsError("device = 'cuda': torch sees no CUDA device here (use auto or cpu)")
+    return torch.device(name)
+
+
 @torch.no_grad()
 def encode_images(tower: nn.Module, images_uint8: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """L2-normalised image embeddings for a uint8 image batch."""
+    """L2-normalised image embeddings (on the CPU) for a uint8 image batch, computed on the
+    tower's device."""
     tower.eval()
+    device = next(tower.parameters()).device
     out = []
     for start in range(0, len(images_uint8), batch_size):
-        x = normalize_images(images_uint8[start : start + batch_size])
-        out.append(nn.functional.normalize(tower(x), dim=-1))
+        x = normalize_images(images_uint8[start : start + batch_size]).to(device)
+        out.append(nn.functional.normalize(tower(x), dim=-1).cpu())
     return torch.cat(out)
 
 

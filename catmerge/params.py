@@ -178,6 +178,8 @@ class Params(Strict):
     regmean: RegMeanParams = RegMeanParams()
     pcb: PcbParams = PcbParams()
     evaluate: EvaluateParams = EvaluateParams()
+    # where the features, select and evaluate stages run the towers: auto = a GPU when torch sees one
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     # Candidate grids chosen on validation by stage `select`: {method: {param: [values]}}.
     select: dict[str, dict[str, list[Any]]] = {}
 

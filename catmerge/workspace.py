@@ -103,9 +103,9 @@ class Workspace:
 
     @cached_property
     def tower(self):
-        from .models import create_image_tower
+        from .models import create_image_tower, resolve_device
 
-        return create_image_tower(self.params.model)
+        return create_image_tower(self.params.model).to(resolve_device(self.params.device))
 
     def score(self, weights: StateDict, split: str, tasks: list[str] | None = None) -> dict[str, float]:
         """Top-1 accuracy (%) of `weights` on each task's `split`."""

@@ -23,7 +23,12 @@ DVC = [sys.executable, "-m", "dvc"]
 
 
 class StageFailed(RuntimeError):
-    """A stage exited with an error; the message is the stage's own."""
+    """A stage exited with an error; the message is the stage's own. `permanent`: the stage said
+    its input or params are wrong (`[stage] error: ...`), so running it again cannot help."""
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,7 @@ def run_dvc(
 def error_message(stage: str, stdout: str, stderr: str) -> str:
     """The stage's own error line(s) (`[stage] error: ...`) or else DVC's `ERROR:` lines."""
     lines = (stdout + "\n" + stderr).splitlines()
-    own = [line for line in lines if "] error:" in line]
+    own = [line for line in lines if "] error:" in line or "] transient error:" in line]
     own_block = []
     if own:  # the stage's message may continue on indented lines (params errors list every key)
         start = lines.index(own[0])
@@ -108,7 +113,8 @@ def reproduce(stage: str, project: Path, echo: bool = True, timeout_seconds: flo
     env = {"CATMERGE_PROGRESS": "always"}
     code, stdout, stderr = run_dvc(["repro", "--single-item", stage], project, echo, env, timeout_seconds)
     if code != 0:
-        raise StageFailed(f"{stage}: {error_message(stage, stdout, stderr)}")
+        message = error_message(stage, stdout, stderr)
+        raise StageFailed(f"{stage}: {message}", permanent=f"[{stage_group(stage)}] error:" in message)
     ran = f"Running stage '{stage}'" in stdout
     return StageOutcome(stage, ran, time.perf_counter() - start)
 

@@ -51,11 +51,24 @@ def reproduce_stage(stage: str, project: str, timeout_seconds: float | None = No
     return asdict(outcome)
 
 
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry a download stage unless it failed for a reason a rerun cannot fix (bad params, a
+    sha256 mismatch, a refused pickle, a file missing while offline): those fail at once."""
+    try:
+        state.result()
+    except StageFailed as exc:
+        return not exc.permanent
+    except Exception:  # noqa: BLE001 - anything else (a crash, a timeout) may pass
+        return True
+    return False
+
+
 def stage_task(stage: str, download_retries: int, download_timeout_seconds: float):
     """The task (and its timeout) for a stage: stages that download retry with exponential backoff."""
     if stage_group(stage) in DOWNLOAD_GROUPS:
         retrying = reproduce_stage.with_options(
-            retries=download_retries, retry_delay_seconds=exponential_backoff(backoff_factor=10)
+            retries=download_retries, retry_delay_seconds=exponential_backoff(backoff_factor=10),
+            retry_condition_fn=_worth_retrying,
         )
         return retrying, download_timeout_seconds
     return reproduce_stage, None

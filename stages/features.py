@@ -11,7 +11,7 @@ from catmerge.data import read_split
 from catmerge.features import capture, exemplar_indices
 from catmerge.io import load_weights, save_weights
 from catmerge.layout import PRETRAINED_TOWER, dataset_dir, features_path, task_vector_path
-from catmerge.models import create_image_tower
+from catmerge.models import create_image_tower, resolve_device
 from catmerge.params import ParamsError, load_params
 from catmerge.task_vectors import apply_task_vector, load_task_vector
 
@@ -27,7 +27,7 @@ def main(task: str) -> None:
     chosen = exemplar_indices(count, len(train.labels), params.data_seed, task)
     pretrained = load_weights(PRETRAINED_TOWER)
     delta = load_task_vector(pretrained, task_vector_path(task))
-    tower = create_image_tower(params.model)
+    tower = create_image_tower(params.model).to(resolve_device(params.device))
     tensors, pieces, info = capture(tower, apply_task_vector(pretrained, delta, params.cat.feature_alpha), train.images[chosen])
     needed = {p.input for p in pieces if p.input is not None}
     rows = info["rows"]

@@ -35,6 +35,10 @@ MICRO_PARAMS = {
     "pretrain": {"steps": 30, "batch_size": 64, "lr": 3.0e-3, "weight_decay": 0.0, "warmup_steps": 3},
     "finetune": {"steps": 40, "batch_size": 64, "lr": 2.0e-3, "weight_decay": 0.0, "warmup_steps": 4},
     "task_vectors": {"dtype": "float64"},
+    # read by the hub sources only, but DVC wants every param a stage lists (tests/test_hub.py sets its own)
+    "hub": {"pretrained": {"repo": "openai/clip-vit-base-patch32", "tag": None, "revision": "main", "sha256": None},
+            "experts": {"repo": "tanganke/clip-vit-base-patch32_{task}", "revision": "main", "revisions": {}, "sha256": {}},
+            "allow_pickle": False, "val_fraction": 0.1, "datasets": {}},
     "merge": {"methods": ["weight_averaging", "task_arithmetic", "ties", "regmean", "pcb", "cat"], "alpha": 0.3},
     "cat": {"exemplars": 2, "feature_alpha": 1.0, "c": 2, "lambda": 1.0, "c_norm": None, "lambda_norm": None,
             "c_shift": None, "qkv": "split", "conv": False, "drop_nonpositive": True, "shift_score": "others", "rescale": True,

@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from catmerge import cat
-from catmerge.adapters import adapter_for, hf_clip_vision, open_clip_vit
+from catmerge.adapters import adapter_for, hf_clip_vision
 from catmerge.features import capture, layer_inputs
 from catmerge.merging import cat as cat_merge
 from catmerge.models import create_image_tower

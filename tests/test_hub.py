@@ -10,12 +10,12 @@ import sys
 import numpy as np
 import pytest
 import yaml
+from hub_fixtures import COMMIT, DATASETS, PRETRAINED, build_hub_cache, snapshot
 
 from catmerge.data import read_split
 from catmerge.io import load_weights, sha256_file
 from catmerge.params import ParamsError, load_params
 from conftest import MICRO_PARAMS, make_project, run, write_params
-from hub_fixtures import COMMIT, DATASETS, PRETRAINED, build_hub_cache, snapshot
 
 TASKS = ["mnist", "eurosat", "dtd"]
 HUB_PARAMS = {
@@ -23,13 +23,7 @@ HUB_PARAMS = {
     "tasks": TASKS,
     "source": "hf",
     "model": "micro-hf-clip",
-    "hub": {
-        "pretrained": {"repo": PRETRAINED, "tag": None, "revision": "main", "sha256": None},
-        "experts": {"repo": "tanganke/clip-vit-base-patch32_{task}", "revision": "main", "revisions": {}, "sha256": {}},
-        "allow_pickle": True,  # dtd's expert is a pytorch_model.bin
-        "val_fraction": 0.2,
-        "datasets": {},
-    },
+    "hub": {**MICRO_PARAMS["hub"], "allow_pickle": True, "val_fraction": 0.2},  # dtd's expert is a pytorch_model.bin
     "merge": {"methods": ["weight_averaging", "task_arithmetic", "cat"], "alpha": 0.3},
     "select": {"task_arithmetic": {"alpha": [0.3, 0.6]}},
 }
@@ -258,3 +252,21 @@ def test_a_malicious_pickle_is_never_opened_by_default(hub_project, tmp_path):
     _, proc = _stage_in_copy(project, tmp_path, {"hub.experts.repo": str(bad.parent), "hub.allow_pickle": False}, ["stages.experts", "mnist"])
     assert proc.returncode == 2 and "pytorch_model.bin is a pickle" in proc.stderr
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(("preset", "c", "repo"), [("vit-b-32", 2, "openai/clip-vit-base-patch32"),
+                                                    ("vit-l-14", 3, "openai/clip-vit-large-patch14")])
+def test_paper_presets_are_valid_and_complete(preset, c, repo):
+    """Each preset is valid params, sets the paper's choices, and has every key of params.yaml, so
+    DVC finds every param a stage tracks when it replaces params.yaml."""
+    from catmerge.hub_datasets import HUB_TASKS
+    from conftest import ROOT
+
+    params = load_params(ROOT / "params" / f"{preset}.yaml")
+    assert params.source == "hf" and params.tasks == list(HUB_TASKS) and params.cat.c == c and params.cat.exemplars == 2
+    assert params.hub.pretrained.repo == repo and "task_arithmetic" in params.select and "cat" in params.select
+    default = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = yaml.safe_load((ROOT / "params" / f"{preset}.yaml").read_text())
+    assert set(raw) == set(default)
+    for block in ("hub", "cat", "datasets"):
+        assert set(raw[block]) == set(default[block]), block

@@ -37,7 +37,7 @@ NAME = "hf_clip_vision"
 _LAYER = r"vision_model\.encoder\.layers\.\d+\."
 _QKV = re.compile(rf"^({_LAYER}self_attn)\.[qkv]_proj\.weight$")
 _LINEAR_WEIGHT = re.compile(rf"^({_LAYER}(self_attn\.out_proj|mlp\.fc1|mlp\.fc2))\.weight$")
-_NORM = re.compile(rf"^(vision_model\.(pre_layrnorm|post_layernorm|encoder\.layers\.\d+\.layer_norm[12]))\.(weight|bias)$")
+_NORM = re.compile(r"^(vision_model\.(pre_layrnorm|post_layernorm|encoder\.layers\.\d+\.layer_norm[12]))\.(weight|bias)$")
 _LINEAR_BIAS = re.compile(rf"^{_LAYER}(self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc1|mlp\.fc2)\.bias$")
 PATCH_EMBEDDING = "vision_model.embeddings.patch_embedding"
 
