@@ -16,6 +16,7 @@ import socket
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .io import ArtifactError, HubUnavailable, sha256_file
 
@@ -41,18 +42,23 @@ def offline() -> bool:
 
     if constants.HF_HUB_OFFLINE:
         return True
-    endpoint = os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST}").split("://", 1)[-1].split("/")[0]
-    host, _, port = endpoint.partition(":")
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return False  # only the proxy knows the route: let the hub client try (and fail with its own error)
+    url = urlsplit(os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST}"))
     try:
-        socket.create_connection((host, int(port or 443)), timeout=3).close()
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=3).close()
         return False
     except OSError:
         return True
 
 
-def _prefetch_hint(repo: str, pattern: str, revision: str, kind: str) -> str:
-    type_flag = "" if kind == "model" else f" --repo-type {kind}"
-    return (f"pre-fetch it on a machine with network: `hf download {repo} {pattern!r} --revision {revision}{type_flag}`, "
+def _prefetch_hint(repo: str, revision: str, kind: str, pattern: str | None = None) -> str:
+    """The command that fills the cache with what a stage reads from `repo` (a whole model repo;
+    a dataset's files matching `pattern`)."""
+    flags = f" --revision {revision}" + ("" if kind == "model" else f" --repo-type {kind}")
+    if pattern is not None:
+        flags += f" --include {pattern!r}"
+    return (f"pre-fetch it on a machine with network: `hf download {repo}{flags}`, "
             f"then copy its HF_HOME ({os.environ.get('HF_HOME', '~/.cache/huggingface')}) here")
 
 
@@ -77,19 +83,24 @@ def fetch(repo: str, filename: str, revision: str = "main", sha256: str | None =
         HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     local = offline()
     try:
         path = hf_hub_download(repo, filename, revision=revision, repo_type=kind, local_files_only=local)
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as exc:
+        if not local:  # online, but the request failed (connection, timeout, server): may pass
+            raise HubUnavailable(f"{kind} repo {repo}: downloading {filename} failed: {exc}") from None
         raise ArtifactError(f"{kind} repo {repo}: {filename} (revision {revision}) is not in the hub cache and the hub is "
-                            f"offline; {_prefetch_hint(repo, filename, revision, kind)}") from None
+                            f"offline; {_prefetch_hint(repo, revision, kind)}") from None
     except EntryNotFoundError:
         raise ArtifactError(f"{kind} repo {repo} (revision {revision}) has no file {filename}") from None
+    except RevisionNotFoundError:
+        raise ArtifactError(f"{kind} repo {repo} has no revision {revision!r} (a branch, tag or commit)") from None
     except RepositoryNotFoundError:
         raise ArtifactError(f"{kind} repo {repo} not found on the hub (or it is private: log in with `hf auth login`)") from None
-    except (HfHubHTTPError, OSError) as exc:
+    except HfHubHTTPError as exc:
         raise HubUnavailable(f"{kind} repo {repo}: downloading {filename} failed: {exc}") from None
     return _checked(Path(path), repo, filename, sha256)
 
@@ -109,20 +120,29 @@ def has_file(repo: str, filename: str, revision: str = "main", kind: str = "mode
 def fetch_matching(repo: str, pattern: str, revision: str = "main", kind: str = "dataset") -> list[HubFile]:
     """Every file of a repo whose path matches the glob `pattern`, sorted by path."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
+    local = offline()
     try:
-        root = Path(snapshot_download(repo, repo_type=kind, revision=revision, allow_patterns=[pattern],
-                                      local_files_only=offline()))
-    except LocalEntryNotFoundError:
+        root = Path(snapshot_download(repo, repo_type=kind, revision=revision, allow_patterns=[pattern], local_files_only=local))
+    except LocalEntryNotFoundError as exc:
+        if not local:
+            raise HubUnavailable(f"{kind} repo {repo}: downloading {pattern} failed: {exc}") from None
         raise ArtifactError(f"{kind} repo {repo} (revision {revision}) is not in the hub cache and the hub is offline; "
-                            f"{_prefetch_hint(repo, pattern, revision, kind)}") from None
+                            f"{_prefetch_hint(repo, revision, kind, pattern)}") from None
+    except RevisionNotFoundError:
+        raise ArtifactError(f"{kind} repo {repo} has no revision {revision!r} (a branch, tag or commit)") from None
     except RepositoryNotFoundError:
         raise ArtifactError(f"{kind} repo {repo} not found on the hub (or it is private: log in with `hf auth login`)") from None
-    except (HfHubHTTPError, OSError) as exc:
+    except HfHubHTTPError as exc:
         raise HubUnavailable(f"{kind} repo {repo}: downloading {pattern} failed: {exc}") from None
     paths = sorted(p for p in root.rglob("*") if p.is_file() and fnmatch.fnmatch(p.relative_to(root).as_posix(), pattern))
     if not paths:
         raise ArtifactError(f"{kind} repo {repo} (revision {revision}) has no file matching {pattern!r}"
-                            + ("" if not offline() else f" in the hub cache; {_prefetch_hint(repo, pattern, revision, kind)}"))
+                            + ("" if not local else f" in the hub cache; {_prefetch_hint(repo, revision, kind, pattern)}"))
     return [_checked(p, repo, p.relative_to(root).as_posix(), None) for p in paths]

@@ -72,14 +72,25 @@ def hub_task(name: str, overrides: dict | None = None) -> HubTask:
 
 @dataclass
 class LoadedSplit:
-    images: np.ndarray  # (N, size, size, 3) uint8
+    """A split's labels and class names; images are decoded only for the rows asked for, so a
+    large split (SVHN's 73k train images) never sits in memory whole at the model's input size."""
+
+    dataset: object  # datasets.Dataset
+    image_column: str
     labels: np.ndarray  # (N,) int64
     class_names: list[str]
     files: list[HubFile]
+    size: int
+
+    def images(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), size, size, 3) uint8, resized and center-cropped."""
+        subset = self.dataset.select(rows.tolist())
+        return np.stack([center_crop(image, self.size) for image in subset[self.image_column]]) if len(rows) else \
+            np.zeros((0, self.size, self.size, 3), dtype=np.uint8)
 
 
 def load_split(task: str, spec: HubTask, split: str, size: int) -> LoadedSplit:
-    """One split of a hub task: fetched, decoded with `datasets`, resized and center-cropped."""
+    """One split of a hub task: fetched and opened with `datasets` (labels read, images not yet)."""
     import datasets
 
     pattern = spec.files.format(split=spec.splits[split])
@@ -96,8 +107,7 @@ def load_split(task: str, spec: HubTask, split: str, size: int) -> LoadedSplit:
     labels = np.asarray(ds[spec.label_column], dtype=np.int64)
     if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
         raise ArtifactError(f"{where}: labels outside 0..{len(names) - 1}")
-    images = np.stack([center_crop(image, size) for image in ds.cast_column(spec.image_column, datasets.Image())[spec.image_column]])
-    return LoadedSplit(images, labels, names, files)
+    return LoadedSplit(ds.cast_column(spec.image_column, datasets.Image()), spec.image_column, labels, names, files, size)
 
 
 def local_matching(directory: str, pattern: str) -> list[HubFile]:

@@ -84,10 +84,11 @@ def normalize_images(images_uint8: torch.Tensor) -> torch.Tensor:
     return (x - IMAGE_MEAN) / IMAGE_STD
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """Param `device`: auto (a GPU when torch sees one, else the CPU), cpu or cuda."""
+def resolve_device(name: str = "auto", source: str = "hf") -> torch.device:
+    """Param `device`: auto (a GPU when torch sees one, else the CPU; the CPU for source builtin,
+    whose outputs are pinned byte for byte), cpu or cuda."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() and source != "builtin" else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         from .params import ParamsError
 

@@ -31,15 +31,21 @@ def pretrained_ref(model: str, repo: str, tag: str | None) -> str:
         return repo
     import open_clip
 
+    from .configs import model_config
+
     config = open_clip.get_pretrained_cfg(model, tag)
     if not config or not config.get("hf_hub"):
         known = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
         raise ArtifactError(f"open_clip has no hub checkpoint for model {model!r} with tag {tag!r} (hub.pretrained.tag); tags: {known}")
+    if config.get("quick_gelu", False) != model_config(model).get("quick_gelu", False):
+        raise ArtifactError(f"open_clip's {model!r} / {tag!r} weights were trained with quick_gelu={config.get('quick_gelu', False)}, "
+                            f"but model config {model!r} uses the other activation; use model "
+                            f"{model + '-quickgelu' if config.get('quick_gelu') else model.removesuffix('-quickgelu')!r}")
     return config["hf_hub"].rstrip("/")
 
 
 def fetch_clip(ref: str, revision: str, sha256: str | None, allow_pickle: bool) -> tuple[StateDict, HubFile]:
-    return fetch_checkpoint(ref, revision, sha256, allow_pickle, SAFETENSORS, PICKLES)
+    return fetch_checkpoint(ref, revision, sha256, allow_pickle, SAFETENSORS, PICKLES, modules=True)
 
 
 def image_tower_weights(state: StateDict, expected: StateDict, source: str) -> StateDict:

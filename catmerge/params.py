@@ -178,7 +178,8 @@ class Params(Strict):
     regmean: RegMeanParams = RegMeanParams()
     pcb: PcbParams = PcbParams()
     evaluate: EvaluateParams = EvaluateParams()
-    # where the features, select and evaluate stages run the towers: auto = a GPU when torch sees one
+    # where the features, select and evaluate stages run the towers: auto = a GPU when torch sees
+    # one, except for source builtin (the offline benchmark stays on the CPU, byte for byte)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Candidate grids chosen on validation by stage `select`: {method: {param: [values]}}.
     select: dict[str, dict[str, list[Any]]] = {}
@@ -189,15 +190,26 @@ class Params(Strict):
         from .hub_datasets import HUB_TASKS
 
         family = model_config(self.model).get("family", "open_clip")
+        known = list(TASKS) if self.source == "builtin" else sorted(set(HUB_TASKS) | set(self.hub.datasets))
+        try:
+            _known_and_unique(self.tasks, known, "builtin task" if self.source == "builtin" else "hub task (or hub.datasets entry)")
+        except ValueError as exc:
+            raise ValueError(f"tasks = {self.tasks!r}: {exc}") from None
         if self.source == "builtin":
-            _known_and_unique(self.tasks, list(TASKS), "builtin task")
             missing = [k for k in ("pretrain", "finetune") if getattr(self, k) is None]
             if missing:
                 raise ValueError(f"source builtin trains its models: params {', '.join(missing)} are required")
             if family != "open_clip":
                 raise ValueError(f"source builtin trains open_clip towers; model {self.model!r} is of family {family}")
+            if "hf_model_name" not in model_config(self.model).get("text_cfg", {}):
+                raise ValueError(f"source builtin pretrains against the packaged MiniLM text tower; model {self.model!r} has "
+                                 f"none (use mini-vit-minilm, mini-vit-p16-minilm or micro-vit-minilm)")
             return self
-        _known_and_unique(self.tasks, sorted(set(HUB_TASKS) | set(self.hub.datasets)), "hub task (or hub.datasets entry)")
+        for where, keys in (("hub.experts.sha256", self.hub.experts.sha256), ("hub.experts.revisions", self.hub.experts.revisions),
+                            ("hub.datasets", self.hub.datasets)):
+            stray = sorted(set(keys) - set(self.tasks))
+            if stray:  # a pin under a misspelt task would silently verify nothing
+                raise ValueError(f"{where}: {stray} not in tasks ({', '.join(self.tasks)})")
         wanted = "open_clip" if self.source == "open_clip" else "hf_clip"
         if family != wanted:
             example = "ViT-B-32-quickgelu" if wanted == "open_clip" else "hf-clip-vit-b-32"
@@ -215,7 +227,10 @@ class Params(Strict):
     @classmethod
     def _known_model(cls, model: str) -> str:
         if model not in known_configs():
-            raise ValueError(f"unknown model config {model!r}; known: {', '.join(known_configs())}")
+            from .configs import CONFIG_DIR
+
+            ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+            raise ValueError(f"unknown model config {model!r}; known: {', '.join(ours)}, or any of open_clip.list_models()")
         return model
 
 

@@ -49,7 +49,8 @@ def inputs_digest(ws: Workspace) -> str:
             ws.path(layout.dataset_dir(task) / f"{SPLIT}.parquet"),
             ws.path(layout.expert_dir(task) / "head.safetensors"),
         ]
-    digest = hashlib.sha256(f"{ws.params.model} {ws.params.evaluate.batch_size}".encode())
+    device = ws.tower_device  # CPU scores keep their old keys; scores from a GPU are cached apart
+    digest = hashlib.sha256(f"{ws.params.model} {ws.params.evaluate.batch_size}{'' if device == 'cpu' else ' ' + device}".encode())
     for path in files:
         digest.update(sha256_file(path).encode())
     return digest.hexdigest()

@@ -105,7 +105,13 @@ class Workspace:
     def tower(self):
         from .models import create_image_tower, resolve_device
 
-        return create_image_tower(self.params.model).to(resolve_device(self.params.device))
+        return create_image_tower(self.params.model).to(resolve_device(self.params.device, self.params.source))
+
+    @property
+    def tower_device(self) -> str:
+        from .models import resolve_device
+
+        return resolve_device(self.params.device, self.params.source).type
 
     def score(self, weights: StateDict, split: str, tasks: list[str] | None = None) -> dict[str, float]:
         """Top-1 accuracy (%) of `weights` on each task's `split`."""

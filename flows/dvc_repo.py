@@ -106,6 +106,13 @@ def error_message(stage: str, stdout: str, stderr: str) -> str:
     return "\n".join(own_block or dvc_errors or lines[-5:]) or f"stage {stage} failed"
 
 
+def stage_failure(stage: str, stdout: str, stderr: str) -> StageFailed:
+    """The failure of `stage` from its output: permanent when the stage itself said its input or
+    params are wrong (`[stage] error: ...`), not when it said `transient error` or crashed."""
+    message = error_message(stage, stdout, stderr)
+    return StageFailed(f"{stage}: {message}", permanent=f"[{stage_group(stage)}] error:" in message)
+
+
 def reproduce(stage: str, project: Path, echo: bool = True, timeout_seconds: float | None = None) -> StageOutcome:
     """`dvc repro --single-item <stage>`: DVC runs it if stale, skips it otherwise."""
     start = time.perf_counter()
@@ -113,8 +120,7 @@ def reproduce(stage: str, project: Path, echo: bool = True, timeout_seconds: flo
     env = {"CATMERGE_PROGRESS": "always"}
     code, stdout, stderr = run_dvc(["repro", "--single-item", stage], project, echo, env, timeout_seconds)
     if code != 0:
-        message = error_message(stage, stdout, stderr)
-        raise StageFailed(f"{stage}: {message}", permanent=f"[{stage_group(stage)}] error:" in message)
+        raise stage_failure(stage, stdout, stderr)
     ran = f"Running stage '{stage}'" in stdout
     return StageOutcome(stage, ran, time.perf_counter() - start)
 

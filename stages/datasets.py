@@ -39,8 +39,13 @@ def hub_splits(params, task: str) -> tuple[dict, dict]:
     if train.class_names != test.class_names:
         raise ValueError(f"dataset {spec.repo}: train and test splits name different classes")
     keep, val = carve_validation(train.labels, params.hub.val_fraction, [params.data_seed, 98])
-    splits = {"train": (train.images[keep], train.labels[keep]), "val": (train.images[val], train.labels[val]),
-              "test": (test.images, test.labels)}
+    rows = {"train": (train, keep), "val": (train, val), "test": (test, np.arange(len(test.labels)))}
+    limits = {"train": params.datasets.max_train, "val": params.datasets.max_val, "test": params.datasets.max_test}
+    splits = {}
+    for i, name in enumerate(SPLITS):  # caps first (the same draw main() makes), so only kept images are decoded
+        source, chosen = rows[name]
+        chosen = chosen[_cap(len(chosen), limits[name], [params.data_seed, 99, i])]
+        splits[name] = (source.images(chosen), source.labels[chosen])
     info = {"description": f"{spec.repo} (hub)", "class_names": train.class_names, "templates": spec.templates,
             "hub_files": [f.record("dataset") for f in train.files + test.files], "image_size": size,
             "val_fraction": params.hub.val_fraction}

@@ -27,7 +27,7 @@ def main(task: str) -> None:
     chosen = exemplar_indices(count, len(train.labels), params.data_seed, task)
     pretrained = load_weights(PRETRAINED_TOWER)
     delta = load_task_vector(pretrained, task_vector_path(task))
-    tower = create_image_tower(params.model).to(resolve_device(params.device))
+    tower = create_image_tower(params.model).to(resolve_device(params.device, params.source))
     tensors, pieces, info = capture(tower, apply_task_vector(pretrained, delta, params.cat.feature_alpha), train.images[chosen])
     needed = {p.input for p in pieces if p.input is not None}
     rows = info["rows"]

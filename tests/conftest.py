@@ -29,6 +29,7 @@ MICRO_PARAMS = {
     "tasks": ["mnist", "mnist_rotation", "textures"],
     "source": "builtin",
     "model": "micro-vit-minilm",
+    "device": "auto",
     "seed": 0,
     "data_seed": 0,
     "datasets": {"max_train": 200, "max_val": 40, "max_test": 100},

@@ -155,7 +155,7 @@ def test_download_stages_retry_with_backoff_and_time_out(monkeypatch, tmp_path):
 def test_download_stages_retry_only_failures_a_rerun_can_fix():
     """Bad params, sha256 mismatches, refused pickles and offline misses print `[stage] error:` and
     fail at once; a transient hub error (`[stage] transient error:`) or a crash is retried."""
-    from flows.dvc_repo import StageFailed, error_message, stage_group
+    from flows.dvc_repo import stage_failure
     from flows.pipeline import _worth_retrying
 
     class Failed:
@@ -165,14 +165,16 @@ def test_download_stages_retry_only_failures_a_rerun_can_fix():
         def result(self):
             raise self.exc
 
-    def failure(stage, stderr):
-        message = error_message(stage, "", stderr)
-        return StageFailed(f"{stage}: {message}", permanent=f"[{stage_group(stage)}] error:" in message)
-
-    offline = failure("experts@mnist", "[experts] error: model repo x/y: model.safetensors (revision main) is not in the hub cache")
-    transient = failure("experts@mnist", "[experts] transient error: model repo x/y: downloading model.safetensors failed: 502")
+    dvc_error = "ERROR: failed to reproduce 'experts@mnist': failed to run: python -m stages.experts mnist, exited with 2"
+    offline = stage_failure("experts@mnist", "[experts] start",
+                            "[experts] error: model repo x/y: model.safetensors (revision main) is not in the hub cache\n" + dvc_error)
+    transient = stage_failure("experts@mnist", "[experts] start",
+                              "[experts] transient error: model repo x/y: downloading model.safetensors failed: 502\n" + dvc_error)
+    crash = stage_failure("experts@mnist", "", "Traceback (most recent call last):\nKeyError: 'x'\n" + dvc_error)
+    assert not crash.permanent
     assert offline.permanent and "not in the hub cache" in str(offline)
     assert not transient.permanent and "502" in str(transient)
     assert _worth_retrying(None, None, Failed(offline)) is False
     assert _worth_retrying(None, None, Failed(transient)) is True
+    assert _worth_retrying(None, None, Failed(crash)) is True
     assert _worth_retrying(None, None, Failed(RuntimeError("killed"))) is True

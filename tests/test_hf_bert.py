@@ -106,3 +106,24 @@ def test_cat_trims_the_real_minilm_from_its_own_rows(minilm):
             assert trimmed[0][piece.key].norm() <= vectors[0][piece.key].norm() * (1 + 1e-12)
     changed = [p.key for p in pieces if p.family == "linear" and not torch.equal(trimmed[0][p.key], vectors[0][p.key])]
     assert len(changed) >= 30
+
+
+def test_a_classification_model_wrapping_the_encoder_gets_prefixed_pieces_and_rows():
+    """RobertaForSequenceClassification: keys and module names under `roberta.`; every piece's
+    input is captured under the same prefixed name, and the classifier head is "other"."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                           max_position_embeddings=40, num_labels=3, pad_token_id=1)
+    model = RobertaForSequenceClassification(config).eval()
+    assert adapter_for(model) is hf_bert
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if v.is_floating_point()}
+    pieces = hf_bert.pieces(shapes, "split")
+    ids = torch.tensor([[0, 5, 7, 9, 2, 1, 1], [0, 4, 4, 8, 6, 3, 2]])
+    rows = hf_bert.capture_inputs(model, {"input_ids": ids, "attention_mask": (ids != 1).long()})
+    needed = {p.input for p in pieces if p.input is not None}
+    assert needed <= set(rows), sorted(needed - set(rows))
+    assert all(name.startswith("roberta.") for name in needed)
+    assert rows["roberta.encoder.layer.1.attention.self.input"].shape == (5 + 7, 16)
+    assert {p.family for p in pieces if p.key.startswith("classifier.")} == {"other"}

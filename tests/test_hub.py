@@ -146,6 +146,7 @@ def test_a_file_missing_offline_fails_at_once_naming_the_repo_and_how_to_prefetc
         ({"source": "builtin", "tasks": ["mnist"]}, "source builtin trains open_clip towers"),
         ({"hub": {"datasets": {"mnist": {"colour": "red"}}}}, "hub.datasets"),
         ({"hub": {"experts": {"sha256": {"mnist": "abc"}}}}, "not 64 hex digits"),
+        ({"hub": {**MICRO_PARAMS["hub"], "experts": {"sha256": {"stanford_cars": "a" * 64}}}}, r"hub.experts.sha256: \['stanford_cars'\] not in tasks"),
     ],
 )
 def test_hub_params_are_validated(tmp_path, update, message):
@@ -270,3 +271,49 @@ def test_paper_presets_are_valid_and_complete(preset, c, repo):
     assert set(raw) == set(default)
     for block in ("hub", "cat", "datasets"):
         assert set(raw[block]) == set(default[block]), block
+
+
+def test_allowed_module_pickles_still_refuse_code_outside_the_allowlist(tmp_path):
+    """With allow_pickle, an open_clip module pickle is read with an allowlist: a payload that
+    calls os.system is refused and runs nothing; a transformers .bin is read weights-only."""
+    import os
+
+    import torch
+
+    from catmerge.checkpoints import read_pickle
+    from catmerge.io import ArtifactError
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"weight": torch.zeros(2), "payload": Payload()}, tmp_path / "finetuned.pt")
+    for modules in (True, False):
+        with pytest.raises(ArtifactError, match="finetuned.pt"):
+            read_pickle(tmp_path / "finetuned.pt", modules=modules)
+    assert not marker.exists()
+
+
+def test_open_clip_tags_resolve_to_their_hub_repo_and_refuse_the_wrong_activation():
+    from catmerge.io import ArtifactError
+    from catmerge.open_clip_source import pretrained_ref
+
+    assert pretrained_ref("ViT-B-32-quickgelu", "unused", "openai") == "timm/vit_base_patch32_clip_224.openai"
+    assert pretrained_ref("ViT-B-32", "org/repo", None) == "org/repo"
+    with pytest.raises(ArtifactError, match="quick_gelu=True.*use model 'ViT-B-32-quickgelu'"):
+        pretrained_ref("ViT-B-32", "unused", "openai")
+    with pytest.raises(ArtifactError, match="no hub checkpoint for model 'ViT-B-32' with tag 'nonsense'"):
+        pretrained_ref("ViT-B-32", "unused", "nonsense")
+
+
+def test_a_local_pretrained_checkpoint_must_be_a_directory(tmp_path):
+    from catmerge.checkpoints import fetch_file
+    from catmerge.io import ArtifactError
+
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(ArtifactError, match="expected a directory holding config.json"):
+        fetch_file(str(tmp_path / "model.safetensors"), "config.json")
+    (tmp_path / "config.json").write_text("{}")
+    assert fetch_file(str(tmp_path), "config.json").revision == "local"

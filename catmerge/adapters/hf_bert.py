@@ -39,9 +39,12 @@ _LINEAR_BIAS = re.compile(_P + r"(?:encoder\.layer\.\d+\.(?:attention\.self\.(?:
 
 
 def matches(model: nn.Module) -> bool:
+    """A BertModel / RobertaModel, or a task model wrapping one as `bert` / `roberta` (its
+    module names then carry that prefix, as its state dict keys do)."""
     from transformers import BertModel, RobertaModel
 
-    return isinstance(model, (BertModel, RobertaModel))
+    encoders = (BertModel, RobertaModel)
+    return isinstance(model, encoders) or any(isinstance(getattr(model, n, None), encoders) for n in ("bert", "roberta"))
 
 
 def pieces(shapes: dict[str, tuple[int, ...]], qkv: str, conv: bool = False) -> list[Piece]:
@@ -68,7 +71,7 @@ def capture_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str
     keyed by the names `pieces` uses, from one forward pass on a tokenized `batch`
     (input_ids, attention_mask[, token_type_ids])."""
     if not matches(model):
-        raise TypeError(f"{NAME} adapter: expected a BertModel or RobertaModel, got {type(model).__name__}")
+        raise TypeError(f"{NAME} adapter: expected a BERT or RoBERTa model, got {type(model).__name__}")
     keep = batch["attention_mask"].bool()
     rows: dict[str, torch.Tensor] = {}
 
