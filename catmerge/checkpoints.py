@@ -37,7 +37,7 @@ def _local_file(ref: str, names: tuple[str, ...], sha256: str | None) -> HubFile
     digest = sha256_file(path)
     if sha256 is not None and digest != sha256.lower():
         raise ArtifactError(f"{path}: sha256 {digest} does not match the pinned {sha256}")
-    return HubFile(path.resolve(), str(path), path.name, "local", digest)
+    return HubFile(path.resolve(), str(Path(ref).expanduser()), path.name, "local", digest)
 
 
 def fetch_file(ref: str, name: str, revision: str = "main") -> HubFile:

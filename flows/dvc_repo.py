@@ -36,6 +36,7 @@ class StageOutcome:
     stage: str
     ran: bool  # False: DVC found it up to date and skipped it
     seconds: float
+    restored: bool = False  # ran from DVC's run cache: outputs of an identical earlier run checked out
 
 
 def stage_order(project: Path) -> list[str]:
@@ -121,8 +122,9 @@ def reproduce(stage: str, project: Path, echo: bool = True, timeout_seconds: flo
     code, stdout, stderr = run_dvc(["repro", "--single-item", stage], project, echo, env, timeout_seconds)
     if code != 0:
         raise stage_failure(stage, stdout, stderr)
-    ran = f"Running stage '{stage}'" in stdout
-    return StageOutcome(stage, ran, time.perf_counter() - start)
+    restored = f"Stage '{stage}' is cached - skipping run" in stdout
+    ran = f"Running stage '{stage}'" in stdout or restored
+    return StageOutcome(stage, ran, time.perf_counter() - start, restored)
 
 
 def apply_overrides(project: Path, overrides: list[str]) -> None:

@@ -47,7 +47,8 @@ def reproduce_stage(stage: str, project: str, timeout_seconds: float | None = No
     logger = get_run_logger()
     logger.info("%s: start", stage)
     outcome = reproduce(stage, Path(project), timeout_seconds=timeout_seconds)
-    logger.info("%s: %s in %.1fs", stage, "ran" if outcome.ran else "skipped, up to date", outcome.seconds)
+    what = "restored from DVC's run cache" if outcome.restored else "ran" if outcome.ran else "skipped, up to date"
+    logger.info("%s: %s in %.1fs", stage, what, outcome.seconds)
     return asdict(outcome)
 
 

@@ -216,11 +216,17 @@ def open_clip_inputs(hub_project, tmp_path_factory):
     return update, experts
 
 
-def test_open_clip_source_converts_task_arithmetic_pickles_bit_for_bit(hub_project, open_clip_inputs, tmp_path):
+def test_open_clip_source_converts_task_arithmetic_pickles_only_when_allowed(hub_project, open_clip_inputs, tmp_path):
     project, _, _ = hub_project
     update, experts = open_clip_inputs
-    copy, proc = _stage_in_copy(project, tmp_path, update, ["stages.pretrained"])
-    assert proc.returncode == 0, proc.stderr
+    copy, proc = _stage_in_copy(project, tmp_path, {**update, "hub.allow_pickle": False}, ["stages.pretrained"])
+    assert proc.returncode == 0, proc.stderr  # the pretrained checkpoint is safetensors
+    proc = run([sys.executable, "-m", "stages.experts", "dtd"], copy, check=False)
+    assert proc.returncode == 2 and "finetuned.pt is a pickle" in proc.stderr and "allow_pickle" in proc.stderr
+
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["hub"]["allow_pickle"] = True
+    write_params(copy / "params.yaml", params)
     proc = run([sys.executable, "-m", "stages.experts", "mnist"], copy, check=False)
     assert proc.returncode == 0, proc.stderr
     expert = load_weights(copy / "data/experts/mnist/expert.safetensors")
@@ -232,15 +238,6 @@ def test_open_clip_source_converts_task_arithmetic_pickles_bit_for_bit(hub_proje
     manifest = json.loads((copy / "data/experts/mnist/manifest.json").read_text())
     assert manifest["hub"][0]["file"] == "finetuned.pt" and manifest["hub"][0]["revision"] == "local"
     assert manifest["hub"][0]["sha256"] == sha256_file(update["hub.experts.repo"].format(task="mnist"))
-
-
-def test_open_clip_pickles_are_refused_without_allow_pickle(hub_project, open_clip_inputs, tmp_path):
-    project, _, _ = hub_project
-    update, _ = open_clip_inputs
-    copy, proc = _stage_in_copy(project, tmp_path, {**update, "hub.allow_pickle": False}, ["stages.pretrained"])
-    assert proc.returncode == 0, proc.stderr  # the pretrained checkpoint is safetensors
-    proc = run([sys.executable, "-m", "stages.experts", "dtd"], copy, check=False)
-    assert proc.returncode == 2 and "finetuned.pt is a pickle" in proc.stderr and "allow_pickle" in proc.stderr
 
 
 def test_a_malicious_pickle_is_never_opened_by_default(hub_project, tmp_path):
