@@ -10,6 +10,7 @@ instead of after the hub client's retries.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import socket
@@ -80,9 +81,10 @@ def _checked(path: Path, repo: str, filename: str, sha256: str | None) -> HubFil
     return HubFile(Path(path), repo, filename, _commit_of(Path(path)), digest)
 
 
-def fetch(repo: str, filename: str, revision: str = "main", sha256: str | None = None, kind: str = "model") -> HubFile:
-    """One file of a hub repo (`kind` model or dataset), downloaded or taken from the cache."""
-    from huggingface_hub import hf_hub_download
+@contextlib.contextmanager
+def _hub_errors(repo: str, what: str, revision: str, kind: str, local: bool, pattern: str | None = None):
+    """Hub client errors -> ours: permanent ones (ArtifactError: no such repo, revision or file;
+    not cached while offline) and ones a retry may fix (HubUnavailable: the request failed)."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
@@ -91,22 +93,30 @@ def fetch(repo: str, filename: str, revision: str = "main", sha256: str | None =
         RevisionNotFoundError,
     )
 
-    local = offline()
     try:
-        path = hf_hub_download(repo, filename, revision=revision, repo_type=kind, local_files_only=local)
+        yield
     except LocalEntryNotFoundError as exc:
         if not local:  # online, but the request failed (connection, timeout, server): may pass
-            raise HubUnavailable(f"{kind} repo {repo}: downloading {filename} failed: {exc}") from None
-        raise ArtifactError(f"{kind} repo {repo}: {filename} (revision {revision}) is not in the hub cache and the hub is "
-                            f"offline; {_prefetch_hint(repo, revision, kind)}") from None
+            raise HubUnavailable(f"{kind} repo {repo}: downloading {what} failed: {exc}") from None
+        raise ArtifactError(f"{kind} repo {repo}: {what} (revision {revision}) is not in the hub cache and the hub is "
+                            f"offline; {_prefetch_hint(repo, revision, kind, pattern)}") from None
     except EntryNotFoundError:
-        raise ArtifactError(f"{kind} repo {repo} (revision {revision}) has no file {filename}") from None
+        raise ArtifactError(f"{kind} repo {repo} (revision {revision}) has no file {what}") from None
     except RevisionNotFoundError:
         raise ArtifactError(f"{kind} repo {repo} has no revision {revision!r} (a branch, tag or commit)") from None
     except RepositoryNotFoundError:
         raise ArtifactError(f"{kind} repo {repo} not found on the hub (or it is private: log in with `hf auth login`)") from None
     except HfHubHTTPError as exc:
-        raise HubUnavailable(f"{kind} repo {repo}: downloading {filename} failed: {exc}") from None
+        raise HubUnavailable(f"{kind} repo {repo}: downloading {what} failed: {exc}") from None
+
+
+def fetch(repo: str, filename: str, revision: str = "main", sha256: str | None = None, kind: str = "model") -> HubFile:
+    """One file of a hub repo (`kind` model or dataset), downloaded or taken from the cache."""
+    from huggingface_hub import hf_hub_download
+
+    local = offline()
+    with _hub_errors(repo, filename, revision, kind, local):
+        path = hf_hub_download(repo, filename, revision=revision, repo_type=kind, local_files_only=local)
     return _checked(Path(path), repo, filename, sha256)
 
 
@@ -125,27 +135,10 @@ def has_file(repo: str, filename: str, revision: str = "main", kind: str = "mode
 def fetch_matching(repo: str, pattern: str, revision: str = "main", kind: str = "dataset") -> list[HubFile]:
     """Every file of a repo whose path matches the glob `pattern`, sorted by path."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
     local = offline()
-    try:
+    with _hub_errors(repo, pattern, revision, kind, local, pattern):
         root = Path(snapshot_download(repo, repo_type=kind, revision=revision, allow_patterns=[pattern], local_files_only=local))
-    except LocalEntryNotFoundError as exc:
-        if not local:
-            raise HubUnavailable(f"{kind} repo {repo}: downloading {pattern} failed: {exc}") from None
-        raise ArtifactError(f"{kind} repo {repo} (revision {revision}) is not in the hub cache and the hub is offline; "
-                            f"{_prefetch_hint(repo, revision, kind, pattern)}") from None
-    except RevisionNotFoundError:
-        raise ArtifactError(f"{kind} repo {repo} has no revision {revision!r} (a branch, tag or commit)") from None
-    except RepositoryNotFoundError:
-        raise ArtifactError(f"{kind} repo {repo} not found on the hub (or it is private: log in with `hf auth login`)") from None
-    except HfHubHTTPError as exc:
-        raise HubUnavailable(f"{kind} repo {repo}: downloading {pattern} failed: {exc}") from None
     paths = sorted(p for p in root.rglob("*") if p.is_file() and fnmatch.fnmatch(p.relative_to(root).as_posix(), pattern))
     if not paths:
         raise ArtifactError(f"{kind} repo {repo} (revision {revision}) has no file matching {pattern!r}"
