@@ -5,7 +5,7 @@ weights as theta_0, experts = theta_0 + small random perturbations (|delta| ~ 1e
 tensor's mean magnitude), and random 224 x 224 images as each task's train split, so the features
 stage sees the real token counts (50 per image for B/32, 257 for L/14) with 2 exemplars. Each
 stage runs as its own process, exactly as `dvc repro` runs it (`python -m stages.<name>`), and its
-wall time and peak RSS (the child's ru_maxrss, from os.wait4) are recorded.
+wall time and peak RSS (GNU time's maximum resident set size) are recorded.
 
     python benchmarks/scale.py --arch ViT-B-32 --tasks 2 4 8 --out benchmarks/results/scale_vit-b-32.json
 
@@ -34,17 +34,19 @@ TASKS = ["sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mni
 
 
 def run_stage(project: Path, module: str, *args: str) -> dict:
-    """Run `python -m stages.<module> args` in `project`; wall seconds and peak RSS (MB)."""
+    """Run `python -m stages.<module> args` in `project`; wall seconds and peak RSS (MB).
+
+    The peak comes from GNU time's %M for its own child: a child forked straight from this
+    (large) process would start its ru_maxrss at this process's RSS."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", f"stages.{module}", *args], cwd=project, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", f"stages.{module}", *args], check=False, cwd=project, env=env,
+                          capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"stages.{module} {' '.join(args)} failed:\n{out}\n{err}")
-    return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    if proc.returncode != 0:
+        raise RuntimeError(f"stages.{module} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    peak_kb = int(proc.stderr.strip().splitlines()[-1])
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak_kb / 1024, 1)}
 
 
 def build(project: Path, arch: str, k: int, methods: list[str]) -> None:
