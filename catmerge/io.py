@@ -106,6 +106,14 @@ def load_weights(path: str | Path) -> StateDict:
         raise ArtifactError(f"cannot read safetensors file {path}: {exc}") from exc
 
 
+def load_tensor(path: str | Path, key: str, default: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One tensor of a safetensors file, read without loading the others (`default` if absent)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.get_tensor(key) if key in fh.keys() else default  # noqa: SIM118 - safe_open has no __contains__
+
+
 def write_json(obj: Any, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

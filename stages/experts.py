@@ -15,7 +15,7 @@ import torch
 from catmerge.benchmark.training import TrainingBudget, finetune, seed_everything, task_seed
 from catmerge.cli import check_task_argument, run_stage
 from catmerge.data import read_split
-from catmerge.io import atomic_dir, file_record, load_weights, read_json, save_weights, write_json
+from catmerge.io import atomic_dir, file_record, load_tensor, load_weights, read_json, save_weights, write_json
 from catmerge.layout import PRETRAINED_TEXT, PRETRAINED_TOWER, dataset_dir, expert_dir
 from catmerge.models import FrozenTextEncoder, create_clip, load_into, zero_shot_head
 from catmerge.params import load_params
@@ -40,7 +40,7 @@ def from_open_clip(params, task: str, info: dict) -> None:
     expert = open_clip_source.image_tower_weights(state, pretrained, f"{ref}/{weights_file.filename}")
     text_file = PRETRAINED_DIR / open_clip_source.TEXT_TOWER
     head = open_clip_source.zero_shot_head(params.model, text_file, info["class_names"], info["templates"], head_cache_dir())
-    logit_scale = load_weights(text_file).get("logit_scale", torch.tensor(4.6052)).exp()
+    logit_scale = load_tensor(text_file, "logit_scale", torch.tensor(4.6052)).exp()
     write_expert(params, task, info, expert, head, logit_scale, weights_file, f"open_clip:{ref}@{weights_file.revision}", {})
 
 
@@ -54,7 +54,7 @@ def from_hub(params, task: str, info: dict) -> None:
     pretrained = load_weights(PRETRAINED_TOWER)
     expert = image_tower_weights(state, pretrained, f"{repo}/{weights_file.filename}", projection=pretrained.get(PROJECTION))
     head = zero_shot_head(PRETRAINED_DIR / "text", info["class_names"], info["templates"], head_cache_dir())
-    logit_scale = load_weights(PRETRAINED_DIR / "text" / "text_tower.safetensors").get("logit_scale", torch.tensor(4.6052)).exp()
+    logit_scale = load_tensor(PRETRAINED_DIR / "text" / "text_tower.safetensors", "logit_scale", torch.tensor(4.6052)).exp()
     extra = {"projection_from_pretrained": PROJECTION not in state}
     write_expert(params, task, info, expert, head, logit_scale, weights_file, f"hf:{repo}@{weights_file.revision}", extra)
 
