@@ -111,6 +111,8 @@ def read_pickle(path: Path, modules: bool = False) -> StateDict:
         if not modules:
             raise ArtifactError(f"{path}: not a plain tensor state dict, which is all this source reads from a pickle "
                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        # Reached only with hub.allow_pickle and source open_clip (fetch_checkpoint's `modules`), and
+        # every global goes through _TaskArithmeticUnpickler's allowlist (tests/test_hub.py).
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PickleModule)
         except Exception as exc:  # noqa: BLE001
