@@ -7,7 +7,7 @@ stage sees the real token counts (50 per image for B/32, 257 for L/14) with 2 ex
 stage runs as its own process, exactly as `dvc repro` runs it (`python -m stages.<name>`), and its
 wall time and peak RSS (GNU time's maximum resident set size) are recorded.
 
-    python benchmarks/scale.py --arch ViT-B-32 --tasks 2 4 8 --out benchmarks/results/scale_vit-b-32.json
+    python benchmarks/scale.py --arch ViT-B-32 --tasks 2 4 8 --precision float32 --out benchmarks/results/scale_vit-b-32.json
 
 Merge is timed for CAT and Task Arithmetic separately on the same inputs (bases given).
 """
@@ -49,7 +49,7 @@ def run_stage(project: Path, module: str, *args: str) -> dict:
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak_kb / 1024, 1)}
 
 
-def build(project: Path, arch: str, k: int, methods: list[str]) -> None:
+def build(project: Path, arch: str, k: int, methods: list[str], precision: str) -> None:
     """theta_0, K experts and K tiny datasets, and params for `arch` and the first K tasks."""
     from catmerge.data import write_split
     from catmerge.io import save_weights, write_json
@@ -70,6 +70,7 @@ def build(project: Path, arch: str, k: int, methods: list[str]) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params.update(tasks=TASKS[:k], source="open_clip", model=arch, device="cpu")
     params["task_vectors"]["dtype"] = "float32"
+    params["cat"]["precision"] = precision
     params["merge"]["methods"] = methods
     params["select"] = {}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -78,13 +79,13 @@ def build(project: Path, arch: str, k: int, methods: list[str]) -> None:
         shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
 
 
-def measure(arch: str, k: int, workdir: Path) -> dict:
+def measure(arch: str, k: int, workdir: Path, precision: str, keep: bool) -> dict:
     project = workdir / f"{arch}-k{k}"
     shutil.rmtree(project, ignore_errors=True)
     project.mkdir(parents=True)
-    build(project, arch, k, ["task_arithmetic", "cat"])
+    build(project, arch, k, ["task_arithmetic", "cat"], precision)
     tasks = TASKS[:k]
-    row: dict = {"arch": arch, "tasks": k}
+    row: dict = {"arch": arch, "tasks": k, "precision": precision}
     per_task = [run_stage(project, "task_vectors", t) for t in tasks]
     row["task_vectors"] = {"seconds": round(sum(r["seconds"] for r in per_task), 2),
                            "peak_rss_mb": max(r["peak_rss_mb"] for r in per_task), "per_task": per_task}
@@ -97,8 +98,15 @@ def measure(arch: str, k: int, workdir: Path) -> dict:
         params["merge"]["methods"] = [method]
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         row[f"merge_{method}"] = run_stage(project, "merge")
-    shutil.rmtree(project, ignore_errors=True)
+    row["bases_plus_merge_cat_seconds"] = round(row["bases"]["seconds"] + row["merge_cat"]["seconds"], 2)
+    if not keep:
+        shutil.rmtree(project, ignore_errors=True)
     return row
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version()}
 
 
 def main() -> None:
@@ -107,19 +115,19 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--precision", choices=["float64", "float32"], default="float32", help="cat.precision of the bases stage")
+    parser.add_argument("--keep", action="store_true", help="keep the built projects in --workdir")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="catmerge-scale-"))
     rows = []
     for k in args.tasks:
-        rows.append(measure(args.arch, k, workdir))
+        rows.append(measure(args.arch, k, workdir, args.precision, args.keep))
         r = rows[-1]
         print(f"{args.arch} K={k}: task_vectors {r['task_vectors']['seconds']} s, features {r['features']['seconds']} s, "
               f"bases {r['bases']['seconds']} s ({r['bases']['peak_rss_mb']} MB), merge TA {r['merge_task_arithmetic']['seconds']} s, "
               f"merge CAT {r['merge_cat']['seconds']} s ({r['merge_cat']['peak_rss_mb']} MB)", flush=True)
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "python": platform.python_version()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")  # each row as it lands
 
 
 if __name__ == "__main__":

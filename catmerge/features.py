@@ -7,12 +7,13 @@ sum of squares of x_hat (d). File layout: docs/artifacts.md.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from .cat import LayerInput
-from .io import ArtifactError, load_weights, read_metadata
+from .io import ArtifactError, WeightsFile, specs_of
 
 ROWS, GRAM, SUM_SQUARES = "rows", "gram", "sum_squares"
 
@@ -48,13 +49,13 @@ def capture(tower, weights: dict[str, torch.Tensor], images: torch.Tensor) -> tu
     raw `images`: every token of every image is a row. Raises if the adapter missed a layer input
     a piece needs."""
     from .adapters import adapter_for
-    from .models import normalize_images
+    from .models import copy_weights, normalize_images
 
-    tower.load_state_dict(weights)
+    copy_weights(tower, weights)
     adapter = adapter_for(tower)
     device = next(tower.parameters()).device
     captured = {k: v.cpu() for k, v in adapter.capture_inputs(tower, normalize_images(images).to(device)).items()}
-    shapes = {k: tuple(v.shape) for k, v in weights.items() if v.is_floating_point()}
+    shapes = {k: shape for k, (dtype, shape) in specs_of(weights).items() if dtype.is_floating_point}
     pieces = adapter.pieces(shapes, qkv="fused")
     missing = sorted({p.input for p in pieces if p.input is not None} - set(captured))
     if missing:
@@ -64,10 +65,42 @@ def capture(tower, weights: dict[str, torch.Tensor], images: torch.Tensor) -> tu
     return tensors, pieces, {"adapter": adapter.NAME, "rows": rows}
 
 
-def load_features(path: str | Path) -> tuple[dict[str, LayerInput], dict[str, torch.Tensor], dict]:
-    """(linear inputs by name, norm sums of squares by name, metadata) of one task's features file."""
-    linear, sum_squares = layer_inputs(load_weights(path), str(path))
-    return linear, sum_squares, read_metadata(path)
+def load_features(path: str | Path) -> tuple[Mapping[str, LayerInput], Mapping[str, torch.Tensor], dict]:
+    """(linear inputs by name, norm sums of squares by name, metadata) of one task's features file.
+    Each is read from the file when asked for: K tasks' rows for every layer of a large model need
+    not be in memory at once."""
+    weights = WeightsFile(path)
+    keys: dict[str, dict[str, str]] = {ROWS: {}, GRAM: {}, SUM_SQUARES: {}}
+    for key in weights:
+        name, _, form = key.rpartition(".")
+        if form not in keys:
+            raise ArtifactError(f"{path}: unexpected key {key!r} (expected <input>.rows, .gram or .sum_squares)")
+        keys[form][name] = key
+    linear = _StoredInputs(weights, {**keys[ROWS], **keys[GRAM]})
+    return linear, _StoredInputs(weights, keys[SUM_SQUARES]), weights.metadata
+
+
+class _StoredInputs(Mapping):
+    """Layer inputs of a features file by input name, read (and checked) on access."""
+
+    def __init__(self, weights: WeightsFile, keys: dict[str, str]):
+        self._weights, self._keys = weights, keys
+
+    def __getitem__(self, name: str):
+        key = self._keys[name]
+        value = self._weights[key]
+        if not torch.isfinite(value).all():
+            raise ArtifactError(f"{self._weights.path}: {key} contains NaN or Inf")
+        form = key.rpartition(".")[2]
+        if form == SUM_SQUARES:
+            return value.double()
+        return LayerInput(rows=value.double()) if form == ROWS else LayerInput(gram=value.double())
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def layer_inputs(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict[str, LayerInput], dict[str, torch.Tensor]]:

@@ -56,7 +56,7 @@ def compute_task_features(ws: Workspace, exemplars: int, feature_alpha: float) -
 def cat_removals(ws: Workspace, cat_params, features: list) -> tuple:
     """(pieces, removals by piece) for these params and features."""
     names = [f"{task} features" for task in ws.params.tasks]
-    pieces, by_piece, _ = cat_merge.compute_removals(ws.pretrained, ws.task_vectors, features, cat_params, names)
+    pieces, by_piece, *_ = cat_merge.compute_removals(ws.pretrained, ws.task_vectors, features, cat_params, names)
     return pieces, by_piece
 
 

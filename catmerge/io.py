@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,15 +74,157 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_weights(tensors: StateDict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write safetensors atomically. Metadata goes under one key as sorted JSON, because
-    safetensors writes a multi-key metadata map in no fixed order (the bytes would vary)."""
-    from safetensors.torch import save_file
+# safetensors' dtype names, in the order its writer lays tensors out (larger alignment first, then
+# by name). `weights_writer` follows the same layout, so its files are byte-identical to save_file's.
+_DTYPE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")
+_TORCH_DTYPES = {
+    "U64": "uint64", "I64": "int64", "F64": "float64", "F32": "float32", "U32": "uint32", "I32": "int32",
+    "BF16": "bfloat16", "F16": "float16", "U16": "uint16", "I16": "int16", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}  # fmt: skip
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    header = {METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+Spec = tuple["torch.dtype", tuple[int, ...]]
+
+
+def _safetensors_dtype(dtype: torch.dtype) -> str:
+    import torch
+
+    for name, torch_name in _TORCH_DTYPES.items():
+        if getattr(torch, torch_name, None) == dtype:
+            return name
+    raise ArtifactError(f"dtype {dtype} cannot be stored in safetensors")
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, _TORCH_DTYPES[name])
+
+
+def _layout(specs: dict[str, Spec], metadata: dict[str, str] | None) -> tuple[bytes, dict[str, int]]:
+    """(header bytes, data offset by tensor name) of a safetensors file holding `specs`."""
+    import torch
+
+    order = sorted(specs, key=lambda k: (_DTYPE_ORDER.index(_safetensors_dtype(specs[k][0])), k))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offsets, position = {}, 0
+    for name in order:
+        dtype, shape = specs[name]
+        size = torch.Size(shape).numel() * dtype.itemsize
+        header[name] = {"dtype": _safetensors_dtype(dtype), "shape": list(shape), "data_offsets": [position, position + size]}
+        offsets[name] = position
+        position += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, offsets
+
+
+@contextlib.contextmanager
+def weights_writer(path: str | Path, specs: dict[str, Spec], metadata: dict[str, str] | None = None):
+    """Write a safetensors file one tensor at a time, in any order: yields `write(name, tensor)`.
+    The file appears under `path` only once every tensor of `specs` (name -> (dtype, shape)) is in.
+
+    safetensors' own save_file first copies every tensor to bytes (twice the model in memory);
+    this holds none of it, and lays the file out as save_file does (same bytes)."""
+    specs = {name: (dtype, tuple(shape)) for name, (dtype, shape) in specs.items()}
+    header, offsets = _layout(specs, {METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None)
+    written: set[str] = set()
+
+    def write(name: str, tensor: torch.Tensor) -> None:
+        if name not in specs:
+            raise ArtifactError(f"{path}: {name} is not among the tensors planned for this file")
+        if name in written:
+            raise ArtifactError(f"{path}: {name} written twice")
+        if (tensor.dtype, tuple(tensor.shape)) != specs[name]:
+            raise ArtifactError(f"{path}: {name} is {tuple(tensor.shape)} {tensor.dtype}, planned {specs[name][1]} {specs[name][0]}")
+        import torch
+
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        handle.seek(len(header) + offsets[name])
+        handle.write(memoryview(data))
+        written.add(name)
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(header)
+        yield write
+        missing = sorted(set(specs) - written)
+        if missing:
+            raise ArtifactError(f"{path}: not written: {missing[:5]}")
+
+
+def save_weights(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write safetensors atomically, one tensor at a time (`tensors` may compute each on access:
+    a `LazyWeights`). Metadata goes under one key as sorted JSON, because safetensors writes a
+    multi-key metadata map in no fixed order (the bytes would vary)."""
+    with weights_writer(path, specs_of(tensors), metadata) as write:
+        for name in tensors:
+            write(name, tensors[name])
+
+
+def specs_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, Spec]:
+    """name -> (dtype, shape), without computing or reading a lazy mapping's tensors."""
+    if isinstance(tensors, (WeightsFile, LazyWeights)):
+        return dict(tensors.specs)
+    return {name: (value.dtype, tuple(value.shape)) for name, value in tensors.items()}
+
+
+class WeightsFile(Mapping):
+    """A safetensors file read one tensor per access, each read opening and closing the file.
+
+    A file held open by safe_open is memory-mapped, and every page read stays resident and counts
+    toward the process's RSS until it is closed: reading K task vectors that way costs K models.
+    Here only the tensors the caller keeps stay in memory."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import SafetensorError, safe_open
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ArtifactError(f"missing weights file: {self.path}")
+        try:
+            with safe_open(str(self.path), framework="pt") as fh:
+                self.specs = {k: (_torch_dtype(fh.get_slice(k).get_dtype()), tuple(fh.get_slice(k).get_shape())) for k in fh.keys()}  # noqa: SIM118
+                header = fh.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ArtifactError(f"cannot read safetensors file {self.path}: {exc}") from exc
+        self.metadata = json.loads(header.get(METADATA_KEY, "{}"))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import SafetensorError, safe_open
+
+        if name not in self.specs:
+            raise KeyError(name)
+        try:
+            with safe_open(str(self.path), framework="pt") as fh:
+                return fh.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ArtifactError(f"cannot read {name} from {self.path}: {exc}") from exc
+
+    def __iter__(self):
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
+class LazyWeights(Mapping):
+    """Tensors computed on access by `compute(name)` (never kept), with their specs known up front:
+    a merged model can be written tensor by tensor without ever being whole in memory."""
+
+    def __init__(self, specs: dict[str, Spec], compute):
+        self.specs = specs
+        self._compute = compute
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.specs:
+            raise KeyError(name)
+        return self._compute(name)
+
+    def __iter__(self):
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -8,13 +8,16 @@ not care which family it runs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import CustomTextCLIP, _build_vision_tower
 from torch import nn
 
 from .configs import model_config
-from .io import ArtifactError, load_weights
+from .io import ArtifactError, WeightsFile
+from .params import resolve_device  # noqa: F401 - public here, where the models are
 
 IMAGE_MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
 IMAGE_STD = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
@@ -45,11 +48,29 @@ def hf_clip_image_tower(config: dict) -> nn.Module:
     return HFCLIPImageTower(vision)
 
 
+def copy_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Load `weights` into `model` one tensor at a time, as strictly as load_state_dict (same keys,
+    same shapes): a state dict read or computed lazily is never whole in memory beside the model."""
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    if missing or extra:
+        raise RuntimeError(f"keys differ from the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    with torch.no_grad():
+        for name, target in own.items():
+            value = weights[name]
+            if value.shape != target.shape:
+                raise RuntimeError(f"{name} is {tuple(value.shape)}, the model has {tuple(target.shape)}")
+            target.copy_(value)
+    return model
+
+
 def load_into(model: nn.Module, path) -> nn.Module:
     """Load a safetensors state dict into `model`, naming the file if it does not fit."""
     try:
-        model.load_state_dict(load_weights(path))
+        copy_weights(model, WeightsFile(path))
     except RuntimeError as exc:
+        if isinstance(exc, ArtifactError):
+            raise
         raise ArtifactError(f"{path} does not fit the model architecture: {exc}") from None
     return model
 
@@ -82,18 +103,6 @@ def normalize_images(images_uint8: torch.Tensor) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float, CLIP normalisation (the evaluation preprocessing)."""
     x = images_uint8.permute(0, 3, 1, 2).float().div_(255.0)
     return (x - IMAGE_MEAN) / IMAGE_STD
-
-
-def resolve_device(name: str = "auto", source: str = "hf") -> torch.device:
-    """Param `device`: auto (a GPU when torch sees one, else the CPU; the CPU for source builtin,
-    whose outputs are pinned byte for byte), cpu or cuda."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() and source != "builtin" else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from .params import ParamsError
-
-        raise ParamsError("device = 'cuda': torch sees no CUDA device here (use auto or cpu)")
-    return torch.device(name)
 
 
 @torch.no_grad()

@@ -77,6 +77,7 @@ class CatParams(Strict):
     qkv: Literal["split", "fused"] = "split"
     conv: bool = Field(default=False, description="treat the patch embedding as a linear map on unfolded patches")
     drop_nonpositive: bool = True
+    precision: Literal["float64", "float32"] = Field(default="float64", description="bases: precision of the linear weights' products and eigenproblems (float32: half the time, for large models)")
     shift_score: Literal["others", "own"] = "others"
     rescale: bool = Field(default=True, description="scale each trimmed linear weight / norm scale back to its norm")
     alpha: float = Field(default=0.4, gt=0, description="scaling of the summed trimmed task vectors")
@@ -302,3 +303,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             key = ".".join(str(p) for p in err["loc"])
             lines.append(f"  {key} = {err.get('input')!r}: {err['msg']}")
         raise ParamsError("\n".join(lines)) from None
+
+
+def resolve_device(name: str = "auto", source: str = "hf"):
+    """Param `device` -> a torch.device: auto (a GPU when torch sees one, else the CPU; the CPU
+    for source builtin, whose outputs are pinned byte for byte), cpu or cuda."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() and source != "builtin" else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("device = 'cuda': torch sees no CUDA device here (use auto or cpu)")
+    return torch.device(name)

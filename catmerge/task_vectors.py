@@ -8,77 +8,105 @@ near zero that moved far), which makes "alpha = 1 on one task is the expert" fal
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 
-from .io import ArtifactError, StateDict
+from .io import ArtifactError, LazyWeights, Spec, WeightsFile, specs_of
+
+Weights = Mapping[str, torch.Tensor]  # a state dict, or a file / computation read one tensor at a time
 
 
-def check_compatible(pretrained: StateDict, expert: StateDict, expert_name: str = "expert") -> None:
-    """The expert has exactly theta_0's keys, shapes and dtypes."""
-    _check_keys(set(pretrained), expert, expert_name)
-    for key, value in pretrained.items():
-        if expert[key].shape != value.shape or expert[key].dtype != value.dtype:
-            raise ArtifactError(
-                f"{expert_name}: {key} is {tuple(expert[key].shape)} {expert[key].dtype}, "
-                f"pretrained is {tuple(value.shape)} {value.dtype}"
-            )
+def is_lazy(*weights) -> bool:
+    """Whether any input (a mapping, or a list of them) is read or computed one tensor at a time."""
+    flat = [w for item in weights for w in (item if isinstance(item, (list, tuple)) else [item])]
+    return any(isinstance(w, (WeightsFile, LazyWeights)) for w in flat)
 
 
-def check_task_vector(pretrained: StateDict, delta: StateDict, name: str = "task vector") -> None:
+def per_tensor(specs: dict[str, Spec], compute: Callable[[str], torch.Tensor], *inputs) -> Weights:
+    """`compute(key)` for every key of `specs`. With all inputs in memory: a dict, computed now.
+    With any input lazy (a file read tensor by tensor): a LazyWeights, each tensor computed when it
+    is read, so a merged model can be written without ever being whole in memory. The same
+    `compute` runs either way: both paths give the same bytes."""
+    if is_lazy(*inputs):
+        return LazyWeights(specs, compute)
+    return {key: compute(key) for key in specs}
+
+
+def check_compatible(pretrained: Weights, expert: Weights, expert_name: str = "expert") -> None:
+    """The expert has exactly theta_0's keys, shapes and dtypes (read from headers, not data)."""
+    base, other = specs_of(pretrained), specs_of(expert)
+    _check_keys(set(base), other, expert_name)
+    for key, (dtype, shape) in base.items():
+        if other[key] != (dtype, shape):
+            raise ArtifactError(f"{expert_name}: {key} is {other[key][1]} {other[key][0]}, pretrained is {shape} {dtype}")
+
+
+def check_task_vector(pretrained: Weights, delta: Weights, name: str = "task vector") -> None:
     """The task vector covers exactly theta_0's floating-point parameters, shape for shape."""
-    _check_keys({k for k, v in pretrained.items() if v.is_floating_point()}, delta, name)
-    for key, value in delta.items():
-        if value.shape != pretrained[key].shape or not value.is_floating_point():
-            raise ArtifactError(
-                f"{name}: {key} is {tuple(value.shape)} {value.dtype}, pretrained is {tuple(pretrained[key].shape)}"
-            )
+    base, other = specs_of(pretrained), specs_of(delta)
+    _check_keys({k for k, (dtype, _) in base.items() if dtype.is_floating_point}, other, name)
+    for key, (dtype, shape) in other.items():
+        if shape != base[key][1] or not dtype.is_floating_point:
+            raise ArtifactError(f"{name}: {key} is {shape} {dtype}, pretrained is {base[key][1]}")
 
 
-def _check_keys(expected: set[str], tensors: StateDict, name: str) -> None:
+def _check_keys(expected: set[str], tensors: Weights, name: str) -> None:
     missing = sorted(expected - set(tensors))
     extra = sorted(set(tensors) - expected)
     if missing or extra:
         raise ArtifactError(f"{name}: keys differ from the pretrained model (missing {missing[:5]}, extra {extra[:5]})")
 
 
-def task_vector(
-    pretrained: StateDict, expert: StateDict, expert_name: str = "expert", dtype: torch.dtype = torch.float64
-) -> StateDict:
+def task_vector(pretrained: Weights, expert: Weights, expert_name: str = "expert", dtype: torch.dtype = torch.float64) -> Weights:
+    """T_k = theta_k - theta_0 over the floating-point parameters; an expert with NaN or Inf is refused."""
     check_compatible(pretrained, expert, expert_name)
-    return {k: expert[k].to(dtype) - v.to(dtype) for k, v in pretrained.items() if v.is_floating_point()}
+
+    def delta(key: str) -> torch.Tensor:
+        value = expert[key]
+        if not torch.isfinite(value).all():
+            raise ArtifactError(f"{expert_name}: {key} contains NaN or Inf")
+        return value.to(dtype) - pretrained[key].to(dtype)
+
+    specs = {k: (dtype, shape) for k, (d, shape) in specs_of(pretrained).items() if d.is_floating_point}
+    return per_tensor(specs, delta, pretrained, expert)
 
 
-def load_task_vector(pretrained: StateDict, path) -> StateDict:
-    """A task vector file, checked against theta_0 (keys, shapes, float dtypes); errors name the file."""
-    from .io import load_weights
-
-    delta = load_weights(path)
+def load_task_vector(pretrained: Weights, path) -> WeightsFile:
+    """A task vector file, checked against theta_0 (keys, shapes, float dtypes) from its header;
+    read one tensor at a time. Errors name the file."""
+    delta = WeightsFile(path)
     check_task_vector(pretrained, delta, str(path))
     return delta
 
 
-def apply_task_vector(pretrained: StateDict, delta: StateDict, scale: float = 1.0) -> StateDict:
+def apply_task_vector(pretrained: Weights, delta: Weights, scale: float = 1.0) -> Weights:
     """theta_0 + scale * delta, computed in the delta's precision and returned in theta_0's dtypes;
     parameters without a delta are copied from theta_0."""
-    out = {}
-    for key, value in pretrained.items():
-        if key in delta:
-            d = delta[key]
-            out[key] = (value.to(d.dtype) + (d if scale == 1.0 else scale * d)).to(value.dtype)
-        else:
-            out[key] = value.clone()
-    return out
+
+    def applied(key: str) -> torch.Tensor:
+        value = pretrained[key]
+        if key not in delta:
+            return value.clone()
+        d = delta[key]
+        return (value.to(d.dtype) + (d if scale == 1.0 else scale * d)).to(value.dtype)
+
+    return per_tensor(specs_of(pretrained), applied, pretrained, delta)
 
 
-def sum_task_vectors(task_vectors: list[StateDict]) -> StateDict:
-    total = {k: v.clone() for k, v in task_vectors[0].items()}
-    for tv in task_vectors[1:]:
-        for k in total:
-            total[k] += tv[k]
-    return total
+def sum_task_vectors(task_vectors: list[Weights]) -> Weights:
+    """sum_k T_k, added in task order."""
+
+    def total(key: str) -> torch.Tensor:
+        out = task_vectors[0][key].clone()
+        for tv in task_vectors[1:]:
+            out += tv[key]
+        return out
+
+    return per_tensor(specs_of(task_vectors[0]), total, task_vectors)
 
 
-def assert_no_nonfinite(tensors: StateDict, name: str) -> None:
+def assert_no_nonfinite(tensors: Weights, name: str) -> None:
     for key, value in tensors.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise ArtifactError(f"{name}: {key} contains NaN or Inf")

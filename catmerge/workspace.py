@@ -12,11 +12,11 @@ from pathlib import Path
 from . import layout
 from .data import read_split
 from .features import load_features
-from .io import StateDict, load_weights, read_json
+from .io import WeightsFile, read_json
 from .merging import cat as cat_merge
 from .merging import method_module
 from .params import Params
-from .task_vectors import apply_task_vector
+from .task_vectors import Weights, apply_task_vector
 
 # The model code (open_clip, ~4 s to import) is imported only by the methods that score models.
 
@@ -33,11 +33,11 @@ class Workspace:
         return self.root / relative
 
     @cached_property
-    def pretrained(self) -> StateDict:
-        return load_weights(self.path(layout.PRETRAINED_TOWER))
+    def pretrained(self) -> WeightsFile:
+        return WeightsFile(self.path(layout.PRETRAINED_TOWER))
 
     @cached_property
-    def task_vectors(self) -> list[StateDict]:
+    def task_vectors(self) -> list[WeightsFile]:
         from .task_vectors import load_task_vector
 
         return [load_task_vector(self.pretrained, self.path(layout.task_vector_path(t))) for t in self.params.tasks]
@@ -57,7 +57,7 @@ class Workspace:
                 self._removals[key] = cat_merge.read_removals(self.path(layout.BASES_DIR), self.params.tasks)
             else:
                 names = [str(self.path(layout.features_path(t))) for t in self.params.tasks]
-                pieces, by_piece, _ = cat_merge.compute_removals(self.pretrained, self.task_vectors, self.features, cat_params, names)
+                pieces, by_piece, *_ = cat_merge.compute_removals(self.pretrained, self.task_vectors, self.features, cat_params, names)
                 self._removals[key] = (pieces, by_piece)
         return self._removals[key]
 
@@ -67,14 +67,16 @@ class Workspace:
         from .adapters import get_adapter
 
         adapter = get_adapter(self.features[0][2].get("adapter", ""))
-        shapes = {k: tuple(v.shape) for k, v in self.pretrained.items() if v.is_floating_point()}
+        shapes = {k: shape for k, (dtype, shape) in self.pretrained.specs.items() if dtype.is_floating_point}
         pieces = [p for p in adapter.pieces(shapes, "fused") if p.family == "linear"]
         names = [str(self.path(layout.features_path(t))) for t in self.params.tasks]
         return pieces, [linear for linear, _, _ in self.features], names
 
-    def merged(self, method: str, method_params) -> StateDict:
-        """The merged image tower of `method` with `method_params` (that method's params block).
-        For theta_0 + alpha * tau_m methods, tau_m is kept for the other alphas of a grid."""
+    def merged(self, method: str, method_params, keep_vector: bool = True) -> Weights:
+        """The merged image tower of `method` with `method_params` (that method's params block),
+        computed one tensor at a time as it is read (the inputs are files read lazily).
+        For theta_0 + alpha * tau_m methods, tau_m is kept in memory for the other alphas of a
+        grid (one model's worth) unless `keep_vector` is off (the merge stage: one alpha each)."""
         module = method_module(method)
         extra = ()
         if method == "cat":
@@ -83,9 +85,12 @@ class Workspace:
             extra = self.regmean_inputs()
         if not hasattr(module, "merged_vector"):
             return module.merge(self.pretrained, self.task_vectors, method_params, *extra)
+        if not keep_vector:
+            return apply_task_vector(self.pretrained, module.merged_vector(self.task_vectors, method_params, *extra), method_params.alpha)
         key = (method, repr(sorted(method_params.model_dump(exclude={"alpha"}).items())))
         if key != self._last_vector[0]:
-            self._last_vector = (key, module.merged_vector(self.task_vectors, method_params, *extra))
+            self._last_vector = (None, None)  # the old one goes before the new one is built
+            self._last_vector = (key, dict(module.merged_vector(self.task_vectors, method_params, *extra)))
         return apply_task_vector(self.pretrained, self._last_vector[1], method_params.alpha)
 
     # ---- scoring ------------------------------------------------------------------------------
@@ -113,11 +118,12 @@ class Workspace:
 
         return resolve_device(self.params.device, self.params.source).type
 
-    def score(self, weights: StateDict, split: str, tasks: list[str] | None = None) -> dict[str, float]:
+    def score(self, weights: Weights, split: str, tasks: list[str] | None = None) -> dict[str, float]:
         """Top-1 accuracy (%) of `weights` on each task's `split`."""
         from .evaluation import accuracy
+        from .models import copy_weights
 
-        self.tower.load_state_dict(weights)
+        copy_weights(self.tower, weights)
         out = {}
         for task in tasks or self.params.tasks:
             data = self.split(task, split)

@@ -4,25 +4,27 @@ Linear weights get a removal basis B_k (Eq. 10-11), norm scales a mask (Eq. 13-1
 (Eq. 16-17); catmerge/cat.py has the equations. Also writes, per piece and task, the eigenvalues
 (or scores) kept, the objective captured, and per linear weight and task pair the two terms of
 Eq. 10 before and after trimming, for the report.
+
+Task vectors and features are read one parameter at a time: memory holds a layer of each task.
 """
 
 from catmerge.cli import run_stage
 from catmerge.features import load_features
-from catmerge.io import load_weights
+from catmerge.io import WeightsFile
 from catmerge.layout import BASES_DIR, PRETRAINED_TOWER, features_path, task_vector_path
-from catmerge.merging.cat import compute_removals, conflict_diagnostics, write_removals
-from catmerge.params import load_params
+from catmerge.merging.cat import compute_removals, write_removals
+from catmerge.params import load_params, resolve_device
 from catmerge.task_vectors import load_task_vector
 
 
 def main() -> None:
     params = load_params()
-    pretrained = load_weights(PRETRAINED_TOWER)
+    pretrained = WeightsFile(PRETRAINED_TOWER)
     task_vectors = [load_task_vector(pretrained, task_vector_path(task)) for task in params.tasks]
     paths = [features_path(task) for task in params.tasks]
     features = [load_features(path) for path in paths]
-    pieces, removals, info = compute_removals(pretrained, task_vectors, features, params.cat, [str(p) for p in paths])
-    terms = conflict_diagnostics(pieces, task_vectors, features, removals)
+    device = resolve_device(params.device, params.source).type
+    pieces, removals, info, terms = compute_removals(pretrained, task_vectors, features, params.cat, [str(p) for p in paths], device)
     write_removals(BASES_DIR, params.tasks, pieces, removals, info, terms)
 
     linear = [r for piece in pieces if piece.family == "linear" for r in removals[piece.name]]

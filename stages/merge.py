@@ -17,7 +17,7 @@ def main() -> None:
     workspace = Workspace(params)
     for method in params.merge.methods:
         method_params = chosen_params(params, selection, method)
-        merged = workspace.merged(method, method_params)
+        merged = workspace.merged(method, method_params, keep_vector=False)  # computed as it is written
         recorded = method_params.model_dump(by_alias=True) if method_params is not None else {}
         meta = {"method": method, "tasks": ",".join(params.tasks), "params": json.dumps(recorded, sort_keys=True)}
         save_weights(merged, merged_path(method), meta)

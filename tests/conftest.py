@@ -42,7 +42,7 @@ MICRO_PARAMS = {
             "allow_pickle": False, "val_fraction": 0.1, "datasets": {}},
     "merge": {"methods": ["weight_averaging", "task_arithmetic", "ties", "regmean", "pcb", "cat"], "alpha": 0.3},
     "cat": {"exemplars": 2, "feature_alpha": 1.0, "c": 2, "lambda": 1.0, "c_norm": None, "lambda_norm": None,
-            "c_shift": None, "qkv": "split", "conv": False, "drop_nonpositive": True, "shift_score": "others", "rescale": True,
+            "c_shift": None, "qkv": "split", "conv": False, "drop_nonpositive": True, "shift_score": "others", "precision": "float64", "rescale": True,
             "alpha": 0.3},
     "ties": {"k": 20, "alpha": 1.0},
     "regmean": {"nondiagonal_scale": 0.9},

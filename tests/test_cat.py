@@ -269,7 +269,7 @@ def micro_model(seed: int, tasks: int = 3):
 def test_c_zero_is_task_arithmetic_bit_for_bit(qkv):
     theta0, tvs, features = micro_model(0)
     pieces = open_clip_vit.pieces({k: tuple(v.shape) for k, v in theta0.items()}, qkv)
-    removals = cat.model_removals(pieces, tvs, features, cat.Settings(c=0, lam=1.0, c_norm=0, lambda_norm=1.0, c_shift=0))
+    removals, _ = cat.model_removals(pieces, tvs, features, cat.Settings(c=0, lam=1.0, c_norm=0, lambda_norm=1.0, c_shift=0))
     cat_sum = cat.trimmed_sum(pieces, tvs, removals, rescale=True)
     ta_sum = sum_task_vectors(tvs)
     for key in ta_sum:
@@ -285,11 +285,11 @@ def test_float32_task_vectors_merge_and_c_zero_is_still_task_arithmetic():
     tvs32 = [{k: v.float() for k, v in tv.items()} for tv in tvs]
     pieces = open_clip_vit.pieces({k: tuple(v.shape) for k, v in theta0.items()}, "split")
     for c in (0, 2):
-        removals = cat.model_removals(pieces, tvs32, features, cat.Settings(c=c, lam=1.0, c_norm=c, lambda_norm=1.0, c_shift=c))
+        removals, _ = cat.model_removals(pieces, tvs32, features, cat.Settings(c=c, lam=1.0, c_norm=c, lambda_norm=1.0, c_shift=c))
         cat_merged = merge_method("cat")(theta0, tvs32, CatParams(alpha=0.3), (pieces, removals))
         assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in cat_merged.values())
     ta = merge_method("task_arithmetic")(theta0, tvs32, MergeParams(methods=["task_arithmetic"], alpha=0.3))
-    removals = cat.model_removals(pieces, tvs32, features, cat.Settings(c=0, lam=1.0, c_norm=0, lambda_norm=1.0, c_shift=0))
+    removals, _ = cat.model_removals(pieces, tvs32, features, cat.Settings(c=0, lam=1.0, c_norm=0, lambda_norm=1.0, c_shift=0))
     zero = merge_method("cat")(theta0, tvs32, CatParams(alpha=0.3), (pieces, removals))
     assert all(torch.equal(ta[k], zero[k]) for k in ta)
 
@@ -299,11 +299,11 @@ def test_split_qkv_trims_q_k_v_separately():
     shapes = {k: tuple(v.shape) for k, v in theta0.items()}
     settings_ = cat.Settings(c=2, lam=1.0, c_norm=2, lambda_norm=1.0, c_shift=2)
     split = open_clip_vit.pieces(shapes, "split")
-    removals = cat.model_removals(split, tvs, features, settings_)
+    removals, _ = cat.model_removals(split, tvs, features, settings_)
     key = "transformer.resblocks.0.attn.in_proj_weight"
     bases = [removals[f"{key}[{p}]"][1].basis for p in "qkv"]
     assert all(b.shape == (16, 2) for b in bases)
-    fused = cat.model_removals(open_clip_vit.pieces(shapes, "fused"), tvs, features, settings_)
+    fused, _ = cat.model_removals(open_clip_vit.pieces(shapes, "fused"), tvs, features, settings_)
     fused_basis = fused[key][1].basis
     assert fused_basis.shape == (48, 2)
     # the fused basis is not the q, k, v bases side by side
@@ -320,7 +320,7 @@ def test_rescale_is_per_piece_and_never_touches_shifts():
     theta0, tvs, features = micro_model(3, tasks=2)
     shapes = {k: tuple(v.shape) for k, v in theta0.items()}
     pieces = open_clip_vit.pieces(shapes, "split")
-    removals = cat.model_removals(pieces, tvs, features, cat.Settings(c=2, lam=0.5, c_norm=2, lambda_norm=0.5, c_shift=2))
+    removals, _ = cat.model_removals(pieces, tvs, features, cat.Settings(c=2, lam=0.5, c_norm=2, lambda_norm=0.5, c_shift=2))
     # two tasks: the sum is T_0 trimmed by task 1 plus T_1 trimmed by task 0; recover T_0's part by
     # merging T_0 with a zero vector for task 1 (task 1's removals come from the real T_1)
     only_first = [tvs[0], {k: torch.zeros_like(v) for k, v in tvs[1].items()}]

@@ -48,7 +48,7 @@ def test_conflict_removed_on_exemplars_also_leaves_the_merged_models_own_feature
 
     pieces = open_clip_vit.pieces(shapes, "split")
     settings = cat.Settings(c=2, lam=1.0, c_norm=2, lambda_norm=1.0, c_shift=2)
-    by_piece = cat.model_removals(pieces, task_vectors, [(f[0], f[1]) for f in features], settings)
+    by_piece, _ = cat.model_removals(pieces, task_vectors, [(f[0], f[1]) for f in features], settings)
     merged = apply_task_vector(theta0, cat.trimmed_sum(pieces, task_vectors, by_piece, rescale=False), 0.5)
     held_out = [task_images(k, 6, 1000 + seed) for k in range(TASKS)]
 

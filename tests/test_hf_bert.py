@@ -97,7 +97,7 @@ def test_cat_trims_the_real_minilm_from_its_own_rows(minilm):
         captured = hf_bert.capture_inputs(model, dict(tokenizer(sentences, padding=True, return_tensors="pt")))
         norms = {p.input for p in hf_bert.pieces({k: tuple(v.shape) for k, v in theta0.items()}, "split") if p.family == "norm_scale"}
         features.append((*layer_inputs(compress(captured, norms), "minilm"), {"adapter": hf_bert.NAME}))
-    pieces, by_piece, _ = cat_merge.compute_removals(theta0, vectors, features, CatParams(c=2), ["task 0", "task 1"])
+    pieces, by_piece, *_ = cat_merge.compute_removals(theta0, vectors, features, CatParams(c=2), ["task 0", "task 1"])
     trimmed = cat.trimmed_vectors(pieces, vectors, by_piece, rescale=False)
     for piece in pieces:
         if piece.family == "linear":

@@ -122,7 +122,7 @@ def test_cat_gives_the_same_trim_on_an_open_clip_and_an_hf_copy_of_the_same_weig
         for k in range(3):
             tensors, _, info = capture(tower, apply_task_vector(pretrained, task_vectors[k]), images[k])
             features.append((*layer_inputs(tensors, f"task {k}"), info))
-        pieces, by_piece, _ = cat_merge.compute_removals(pretrained, task_vectors, features, params, ["a", "b", "c"])
+        pieces, by_piece, *_ = cat_merge.compute_removals(pretrained, task_vectors, features, params, ["a", "b", "c"])
         return pieces, cat.trimmed_vectors(pieces, task_vectors, by_piece, rescale=True)
 
     pieces_ours, trimmed_ours = trim(ours, theta0, vectors)

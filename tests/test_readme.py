@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 
+import torch
+
+from catmerge.io import load_weights
 from conftest import ROOT
 
 
@@ -44,8 +47,16 @@ def test_dvc_analytics_are_off_in_the_committed_config():
 
 def test_readme_library_example_runs(micro_project, monkeypatch):
     readme = (ROOT / "README.md").read_text()
-    example = re.search(r"```python\n(.*?)```", readme, flags=re.DOTALL).group(1)
+    example, streamed = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)[:2]
     monkeypatch.chdir(micro_project)
     scope: dict = {}
     exec(compile(example, "README.md", "exec"), scope)  # noqa: S102 -- running the README example is the test
     assert set(scope["averaged"]) == set(scope["theta0"]) == set(scope["cat_merged"])
+    # the large-model variant writes, tensor by tensor, what the in-memory call computes
+    in_memory = scope["merge_method"]("task_arithmetic")(scope["theta0"], scope["tvs"], scope["params"].merge)
+    try:
+        exec(compile(streamed, "README.md", "exec"), scope)  # noqa: S102
+        written = load_weights(micro_project / "ta.safetensors")
+    finally:
+        (micro_project / "ta.safetensors").unlink(missing_ok=True)
+    assert set(written) == set(in_memory) and all(torch.equal(written[k], v) for k, v in in_memory.items())

@@ -22,14 +22,14 @@ from ..io import (
     read_json,
     save_weights,
     sha256_file,
+    specs_of,
     write_json,
 )
 from ..params import ParamsError
-from ..progress import progress
 from ..task_vectors import apply_task_vector
 
 # The CAT params the bases stage reads (dvc.yaml lists the same); the others are read by features or merge.
-BASES_PARAMS = ("c", "lambda", "c_norm", "lambda_norm", "c_shift", "qkv", "conv", "drop_nonpositive", "shift_score")
+BASES_PARAMS = ("c", "lambda", "c_norm", "lambda_norm", "c_shift", "qkv", "conv", "drop_nonpositive", "shift_score", "precision")
 MANIFEST = "manifest.json"
 DIAGNOSTICS = "diagnostics.json"
 
@@ -55,6 +55,7 @@ def settings(p) -> cat.Settings:
         c_shift=p.c if p.c_shift is None else p.c_shift,
         drop_nonpositive=p.drop_nonpositive,
         shift_score=p.shift_score,
+        precision=p.precision,
     )
 
 
@@ -65,14 +66,14 @@ def resolved_params(p) -> dict:
     return {**resolved, "qkv": p.qkv, "conv": p.conv}
 
 
-def compute_removals(pretrained: StateDict, task_vectors: list[StateDict], features: list, p, names: list[str]):
-    """(pieces, removals by piece, manifest info) for `cat` params `p`. `features[k]` is task k's
-    `load_features` triple and `names[k]` its file (for errors)."""
+def compute_removals(pretrained, task_vectors: list, features: list, p, names: list[str], device: str = "cpu"):
+    """(pieces, removals by piece, manifest info, Eq. 10 terms by linear piece) for `cat` params
+    `p`. `features[k]` is task k's `load_features` triple and `names[k]` its file (for errors)."""
     adapter_names = {meta.get("adapter") for _, _, meta in features}
     if len(adapter_names) != 1:
         raise ArtifactError(f"features {names} come from different adapters: {sorted(map(str, adapter_names))}")
     adapter = get_adapter(adapter_names.pop())
-    shapes = {k: tuple(v.shape) for k, v in pretrained.items() if v.is_floating_point()}
+    shapes = {k: shape for k, (dtype, shape) in specs_of(pretrained).items() if dtype.is_floating_point}
     pieces = adapter.pieces(shapes, p.qkv, p.conv)
     for piece in pieces:
         width = piece.stop - piece.start
@@ -85,20 +86,8 @@ def compute_removals(pretrained: StateDict, task_vectors: list[StateDict], featu
             if piece.input is not None and piece.input not in (linear if piece.family == "linear" else sums):
                 raise ArtifactError(f"{name}: no features for {piece.input} (needed by {piece.name})")
     inputs = [(linear, sums) for linear, sums, _ in features]
-    removals = cat.model_removals(progress(pieces, "bases"), task_vectors, inputs, settings(p))
-    return pieces, removals, {"adapter": adapter.NAME, "params": resolved_params(p)}
-
-
-def conflict_diagnostics(pieces: list[Piece], task_vectors: list[StateDict], features: list, by_piece: dict) -> dict:
-    """Per linear piece and task k: `cat.conflict_terms` for every other task i (by index)."""
-    out = {}
-    for piece in pieces:
-        if piece.family != "linear":
-            continue
-        deltas = [cat._as_matrix(piece, piece.of(tv[piece.key]).double()) for tv in task_vectors]
-        inputs = [linear[piece.input] for linear, _, _ in features]
-        out[piece.name] = [cat.conflict_terms(k, deltas, inputs, r.basis) for k, r in enumerate(by_piece[piece.name])]
-    return out
+    removals, terms = cat.model_removals(pieces, task_vectors, inputs, settings(p), device)
+    return pieces, removals, {"adapter": adapter.NAME, "params": resolved_params(p)}, terms
 
 
 def write_removals(
@@ -106,7 +95,7 @@ def write_removals(
 ) -> None:
     """One safetensors file per task (`<piece>.basis` / `<piece>.mask`), the piece list and the
     diagnostics (kept eigenvalues or scores, objective captured, trace, and for linear pieces the
-    Eq. 10 terms per task pair from `conflict_diagnostics`), written as one directory."""
+    Eq. 10 terms per task pair from `compute_removals`), written as one directory."""
     with atomic_dir(directory) as out:
         for k, task in enumerate(tasks):
             tensors = {}

@@ -30,8 +30,8 @@ import math
 
 import torch
 
-from ..io import StateDict
-from ..task_vectors import apply_task_vector
+from ..io import StateDict, specs_of
+from ..task_vectors import apply_task_vector, per_tensor
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,8 @@ def merge_tensor(deltas: list[torch.Tensor], ratio: float) -> torch.Tensor:
 
 def merged_vector(task_vectors: list[StateDict], params) -> StateDict:
     """tau_m (independent of alpha); `params` is a PcbParams (drop_ratio: fraction dropped per tensor and task)."""
-    return {key: merge_tensor([tv[key] for tv in task_vectors], params.drop_ratio) for key in task_vectors[0]}
+    specs = {key: (torch.float64, shape) for key, (_, shape) in specs_of(task_vectors[0]).items()}
+    return per_tensor(specs, lambda key: merge_tensor([tv[key] for tv in task_vectors], params.drop_ratio), task_vectors)
 
 
 def merge(pretrained: StateDict, task_vectors: list[StateDict], params) -> StateDict:

@@ -16,8 +16,8 @@ import torch
 
 from ..adapters import Piece
 from ..cat import LayerInput
-from ..io import ArtifactError, StateDict
-from ..task_vectors import apply_task_vector
+from ..io import ArtifactError, StateDict, specs_of
+from ..task_vectors import apply_task_vector, per_tensor
 
 
 def _gram(piece: Piece, inputs: list[dict[str, LayerInput]], d_in: int, scale: float, names: list[str]) -> list[torch.Tensor]:
@@ -60,19 +60,25 @@ def merged_vector(
         raise ValueError(f"RegMean: {len(inputs)} input sets for {len(task_vectors)} task vectors")
     names = names or [f"task {k}" for k in range(len(inputs))]
     count = len(task_vectors)
-    # Start from the average everywhere; the linear pieces' rows are then overwritten.
-    merged = {key: sum(tv[key].double() for tv in task_vectors) / count for key in task_vectors[0]}
+    by_key: dict[str, list[Piece]] = {}
     for piece in pieces:
-        if piece.family != "linear" or piece.input is None or piece.key not in merged:
-            continue
-        blocks = [piece.of(tv[piece.key].double()) for tv in task_vectors]
-        shape = blocks[0].shape
-        # A conv kernel (d_out, c, kh, kw) acts as a linear map on unfolded patches.
-        deltas = [b.reshape(shape[0], -1) for b in blocks]
-        grams = _gram(piece, inputs, deltas[0].shape[1], params.nondiagonal_scale, names)
-        piece.of(merged[piece.key]).copy_(solve(deltas, grams).reshape(shape))
-    return merged
+        if piece.family == "linear" and piece.input is not None:
+            by_key.setdefault(piece.key, []).append(piece)
 
+    def merged(key: str) -> torch.Tensor:
+        full = [tv[key].double() for tv in task_vectors]
+        out = sum(full) / count  # the average everywhere; the linear pieces' rows are then overwritten
+        for piece in by_key.get(key, []):
+            blocks = [piece.of(t) for t in full]
+            shape = blocks[0].shape
+            # A conv kernel (d_out, c, kh, kw) acts as a linear map on unfolded patches.
+            deltas = [b.reshape(shape[0], -1) for b in blocks]
+            grams = _gram(piece, inputs, deltas[0].shape[1], params.nondiagonal_scale, names)
+            piece.of(out).copy_(solve(deltas, grams).reshape(shape))
+        return out
+
+    specs = {key: (torch.float64, shape) for key, (_, shape) in specs_of(task_vectors[0]).items()}
+    return per_tensor(specs, merged, task_vectors)
 
 def merge(pretrained: StateDict, task_vectors: list[StateDict], params, pieces, inputs, names=None) -> StateDict:
     """`params` is a RegMeanParams (nondiagonal_scale, alpha)."""

@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from ..io import StateDict
-from ..task_vectors import apply_task_vector
+from ..io import StateDict, specs_of
+from ..task_vectors import apply_task_vector, per_tensor
 
 
 def kept_count(k: float, numel: int) -> int:
@@ -46,7 +46,8 @@ def merge_tensor(deltas: list[torch.Tensor], k: float) -> torch.Tensor:
 
 def merged_vector(task_vectors: list[StateDict], params) -> StateDict:
     """tau_m (independent of alpha); `params` is a TiesParams (k: percent kept per tensor and task)."""
-    return {key: merge_tensor([tv[key] for tv in task_vectors], params.k) for key in task_vectors[0]}
+    specs = {key: (torch.float64, shape) for key, (_, shape) in specs_of(task_vectors[0]).items()}
+    return per_tensor(specs, lambda key: merge_tensor([tv[key] for tv in task_vectors], params.k), task_vectors)
 
 
 def merge(pretrained: StateDict, task_vectors: list[StateDict], params) -> StateDict:
