@@ -65,7 +65,7 @@ def main() -> None:
             c_shift=options.pop("c_shift", c), **options,
         )
         pieces = adapter.pieces(shapes, qkv, conv)
-        total = cat.trimmed_sum(pieces, tvs, cat.model_removals(pieces, tvs, features, settings)[0], rescale)
+        total = dict(cat.trimmed_sum(pieces, tvs, cat.model_removals(pieces, tvs, features, settings)[0], rescale))
         curve = {str(a): val_average(apply_task_vector(theta0, total, a)) for a in args.alphas}
         results[spec] = curve
         print(spec, {a: round(v, 1) for a, v in curve.items()}, flush=True)

@@ -140,15 +140,15 @@ def _top_eigenpairs_dense(matrix: Tensor, c: int) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(values), torch.from_numpy(vectors)
 
 
-def top_c(scores: Tensor, c: int, drop_nonpositive: bool, scale: float | None = None) -> Tensor:
+def top_c(scores: Tensor, c: int, drop_nonpositive: bool, scale: float | None = None, tolerance: float = ZERO_TOLERANCE) -> Tensor:
     """Indices of the c largest scores, largest first, ties to the lowest index; with
-    drop_nonpositive, scores not above ZERO_TOLERANCE * scale (default: the largest |score|)
+    drop_nonpositive, scores not above tolerance * scale (default: the largest |score|)
     are never chosen."""
     order = torch.sort(scores, descending=True, stable=True).indices[:c]
     if drop_nonpositive:
         if scale is None:
             scale = float(scores.abs().max()) if scores.numel() else 0.0
-        order = order[scores[order] > ZERO_TOLERANCE * scale]
+        order = order[scores[order] > tolerance * scale]
     return order
 
 
@@ -189,6 +189,7 @@ def removal_bases(
     when it is wide: `_top_eigenpairs_of_factors` picks the cheaper exact route for its shape."""
     count, d_out = len(deltas), deltas[0].shape[0]
     if c == 0 or d_out <= ROWS_ROUTE_MIN_WIDTH or any(x.rows is None for x in inputs):
+        deltas = [d.double() for d in deltas]  # this route is float64 whatever the precision
         removals = [removal_basis(k, deltas, inputs, lam, c, drop_nonpositive) for k in range(count)]
         return removals, [conflict_terms(k, deltas, inputs, r.basis) for k, r in enumerate(removals)]
     deltas = [d.to(device) for d in deltas]
@@ -196,7 +197,9 @@ def removal_bases(
     sizes = [x.shape[0] for x in rows]
     own = torch.cat([rows[i] @ deltas[i].T for i in range(count)])  # Y_ii stacked: every k shares them
     own_energies = own.square().sum(dim=1).split(sizes)
-    buffer = own.new_empty(max(sum(sizes) - n for n in sizes), d_out)  # one allocation for every k
+    buffer = own.new_empty((count - 1) * max(sizes), d_out)  # one allocation for every k
+    # an eigenvalue counts as zero below round-off of the precision used (float32: ~1e-5 of the scale)
+    tolerance = max(ZERO_TOLERANCE, 100 * torch.finfo(own.dtype).eps)
     removals, terms = [], []
     for k in range(count):
         others = [i for i in range(count) if i != k]
@@ -211,7 +214,7 @@ def removal_bases(
         positive = sum(float(e.sum()) for e in shift_energies)
         negative = lam * sum(float(own_energies[i].sum()) for i in others)
         values, vectors = _top_eigenpairs_of_factors(blocks, c, with_null_space=not drop_nonpositive)
-        chosen = top_c(values, c, drop_nonpositive, max(positive, negative))
+        chosen = top_c(values, c, drop_nonpositive, max(positive, negative), tolerance)
         basis = _canonical_signs(vectors[:, chosen].to(own))
         shifts_along = (shifts @ basis).square().sum(dim=1).split(sizes[k])
         own_along = (own @ basis).square().sum(dim=1).split(sizes)
@@ -230,10 +233,14 @@ def _top_eigenpairs_of_factors(blocks: list[tuple[Tensor, Tensor]], c: int, with
     v -> sum_b U_b^T (w_b * (U_b v)), never forming G: measured on ViT-B/32 layers, 3 to 14 times
     faster than forming G and asking LAPACK for its top c only. On a GPU: G formed and decomposed whole."""
     m, d = sum(u.shape[0] for u, _ in blocks), blocks[0][0].shape[1]
-    if m <= 256 or 8 * m <= d or c >= d - 1:
+    if m < d and (m <= 256 or 8 * m <= d):
         return _top_eigenpairs_factored(torch.cat([u for u, _ in blocks]), torch.cat([w for _, w in blocks]), with_null_space)
-    if blocks[0][0].device.type != "cpu":
+
+    def dense() -> tuple[Tensor, Tensor]:
         return torch.linalg.eigh(sum(u.T @ (w[:, None] * u) for u, w in blocks))
+
+    if c >= d - 1 or blocks[0][0].device.type != "cpu":
+        return dense()
     from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
     def matvec(v: np.ndarray) -> np.ndarray:
@@ -247,7 +254,7 @@ def _top_eigenpairs_of_factors(blocks: list[tuple[Tensor, Tensor]], c: int, with
     try:  # a fixed start vector keeps it deterministic
         values, vectors = eigsh(operator, k=c, which="LA", v0=np.ones(d, dtype=dtype), ncv=min(d, max(2 * c + 1, 40)), tol=tol)
     except ArpackNoConvergence:
-        return _top_eigenpairs_factored(torch.cat([u for u, _ in blocks]), torch.cat([w for _, w in blocks]), with_null_space)
+        return dense()
     return torch.from_numpy(values), torch.from_numpy(vectors)
 
 

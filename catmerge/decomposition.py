@@ -28,7 +28,7 @@ FAMILIES = ("linear", "norm_scale", "shift", "other")
 def families(ws: Workspace) -> dict[str, str]:
     """Parameter key -> family, from the architecture's adapter."""
     adapter = adapter_for(ws.tower)
-    shapes = {k: tuple(v.shape) for k, v in ws.pretrained.items() if v.is_floating_point()}
+    shapes = {k: shape for k, (dtype, shape) in ws.pretrained.specs.items() if dtype.is_floating_point}
     return {p.key: p.family for p in adapter.pieces(shapes, "fused")}
 
 
@@ -41,7 +41,7 @@ def decompose(
     family_of = families(ws)
     tasks = ws.params.tasks
     vectors = ws.task_vectors if vectors is None else vectors
-    total = sum_task_vectors(vectors)
+    total = dict(sum_task_vectors(vectors))  # read by every row below: summed once (one model)
     merged = merged_scores or ws.score(apply_task_vector(ws.pretrained, total, alpha), split)
     per_task = {}
     for k, task in enumerate(tasks):

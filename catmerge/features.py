@@ -86,6 +86,9 @@ class _StoredInputs(Mapping):
     def __init__(self, weights: WeightsFile, keys: dict[str, str]):
         self._weights, self._keys = weights, keys
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
+        return name in self._keys
+
     def __getitem__(self, name: str):
         key = self._keys[name]
         value = self._weights[key]

@@ -141,7 +141,7 @@ def run_point(ws: Workspace, setting: dict, alphas: list[float], experts: dict[s
         pieces, by_piece = cat_removals(ws, cat_params, features)
         vectors = cat.trimmed_vectors(pieces, ws.task_vectors, by_piece, cat_params.rescale)
         extra = (pieces, by_piece, features)
-    total = sum_task_vectors(vectors)  # B_k does not depend on alpha: one trim serves the whole grid
+    total = dict(sum_task_vectors(vectors))  # B_k does not depend on alpha: one trim serves the whole grid
     curve = {alpha: val_average(ws, total, alpha) for alpha in alphas}
     best = max(range(len(alphas)), key=lambda j: (curve[alphas[j]], -j))
     alpha = alphas[best]

@@ -185,9 +185,12 @@ class WeightsFile(Mapping):
             with safe_open(str(self.path), framework="pt") as fh:
                 self.specs = {k: (_torch_dtype(fh.get_slice(k).get_dtype()), tuple(fh.get_slice(k).get_shape())) for k in fh.keys()}  # noqa: SIM118
                 header = fh.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as exc:
+        except (SafetensorError, OSError, ValueError, KeyError) as exc:
             raise ArtifactError(f"cannot read safetensors file {self.path}: {exc}") from exc
         self.metadata = json.loads(header.get(METADATA_KEY, "{}"))
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
+        return name in self.specs
 
     def __getitem__(self, name: str) -> torch.Tensor:
         from safetensors import SafetensorError, safe_open
@@ -214,6 +217,9 @@ class LazyWeights(Mapping):
     def __init__(self, specs: dict[str, Spec], compute):
         self.specs = specs
         self._compute = compute
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would compute the tensor
+        return name in self.specs
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.specs:

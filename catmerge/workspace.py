@@ -57,7 +57,9 @@ class Workspace:
                 self._removals[key] = cat_merge.read_removals(self.path(layout.BASES_DIR), self.params.tasks)
             else:
                 names = [str(self.path(layout.features_path(t))) for t in self.params.tasks]
-                pieces, by_piece, *_ = cat_merge.compute_removals(self.pretrained, self.task_vectors, self.features, cat_params, names)
+                pieces, by_piece, *_ = cat_merge.compute_removals(
+                    self.pretrained, self.task_vectors, self.features, cat_params, names, self.tower_device
+                )
                 self._removals[key] = (pieces, by_piece)
         return self._removals[key]
 
@@ -114,7 +116,7 @@ class Workspace:
 
     @property
     def tower_device(self) -> str:
-        from .models import resolve_device
+        from .params import resolve_device
 
         return resolve_device(self.params.device, self.params.source).type
 

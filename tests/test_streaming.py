@@ -197,6 +197,66 @@ def test_all_tasks_route_in_float32_finds_nearly_the_same_subspace(monkeypatch):
         assert principal_cosine(a.basis, b.basis) > 1 - 1e-4
 
 
+def reference_bases(deltas, rows, lam, c, drop=True):
+    grams = [LayerInput(gram=x.T @ x) for x in rows]  # the dense route: G_k formed, full eigh
+    return [cat.removal_basis(k, [d.double() for d in deltas], grams, lam, c, drop) for k in range(len(deltas))]
+
+
+def test_all_tasks_route_with_different_row_counts_per_task(monkeypatch):
+    """BERT keeps only the non-padding tokens: tasks have different numbers of rows."""
+    monkeypatch.setattr(cat, "ROWS_ROUTE_MIN_WIDTH", 0)
+    deltas, _ = low_rank_problem(3, 3, 300, 40, 10, rank=40)
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randn(n, 40, generator=g, dtype=torch.float64) for n in (30, 28, 26)]
+    fast, _ = cat.removal_bases(deltas, [LayerInput(rows=x) for x in rows], 1.0, 3)
+    for removal, reference in zip(fast, reference_bases(deltas, rows, 1.0, 3)):
+        assert removal.kept == pytest.approx(reference.kept, rel=1e-8)
+        assert principal_cosine(removal.basis, reference.basis) > 1 - 1e-9
+
+
+def test_lanczos_failure_falls_back_to_a_dense_eigh(monkeypatch):
+    import scipy.sparse.linalg as sparse
+
+    def fail(*args, **kwargs):
+        raise sparse.ArpackNoConvergence("no convergence", [], [])
+
+    monkeypatch.setattr(cat, "ROWS_ROUTE_MIN_WIDTH", 0)
+    monkeypatch.setattr(sparse, "eigsh", fail)
+    deltas, rows = low_rank_problem(5, 3, 300, 320, 80, rank=300)  # 400 rows > d_out: Lanczos first
+    fast, _ = cat.removal_bases(deltas, [LayerInput(rows=x) for x in rows], 1.0, 2)
+    for removal, reference in zip(fast, reference_bases(deltas, rows, 1.0, 2)):
+        assert principal_cosine(removal.basis, reference.basis) > 1 - 1e-9
+
+
+def test_float32_precision_on_every_route_keeps_float64_bases_and_drops_round_off(monkeypatch):
+    # narrow layers (the one-task-at-a-time route) run in float64 whatever the precision
+    deltas, rows = low_rank_problem(2, 3, 30, 40, 20)
+    narrow, _ = cat.removal_bases([d.float() for d in deltas], [LayerInput(rows=x) for x in rows], 1.0, 2)
+    exact, _ = cat.removal_bases([d.float().double() for d in deltas], [LayerInput(rows=x) for x in rows], 1.0, 2)
+    assert all(a.basis.dtype == torch.float64 and torch.equal(a.basis, b.basis) for a, b in zip(narrow, exact))
+    # wide ones in float32: G_k of rank 2 with lambda 3 has nothing positive; round-off must not count
+    monkeypatch.setattr(cat, "ROWS_ROUTE_MIN_WIDTH", 0)
+    deltas, rows = low_rank_problem(4, 3, 300, 40, 80, rank=1)
+    for dtype in (torch.float64, torch.float32):
+        removals, _ = cat.removal_bases([d.to(dtype) for d in deltas], [LayerInput(rows=x) for x in rows], 3.0, 5)
+        kept = [len(r.kept) for r in removals]
+        assert kept == [len(r.kept) for r in reference_bases(deltas, rows, 3.0, 5)], (dtype, kept)
+
+
+def test_lazy_mappings_compute_each_tensor_once_per_read():
+    from catmerge.io import LazyWeights
+    from catmerge.task_vectors import apply_task_vector
+
+    calls: list[str] = []
+    specs = {f"w{j}": (torch.float32, (3,)) for j in range(4)}
+    delta = LazyWeights(specs, lambda key: calls.append(key) or torch.ones(3))
+    theta0 = LazyWeights(specs, lambda key: torch.zeros(3))
+    merged = apply_task_vector(theta0, delta, 0.5)
+    assert "w0" in merged and "nope" not in merged and not calls  # membership reads nothing
+    assert all(torch.equal(merged[k], torch.full((3,), 0.5)) for k in merged)
+    assert sorted(calls) == sorted(specs)
+
+
 # ---- memory --------------------------------------------------------------------------------
 
 MEMORY_SCRIPT = r"""
