@@ -252,8 +252,9 @@ def _top_eigenpairs_of_factors(blocks: list[tuple[Tensor, Tensor]], c: int, with
     operator = LinearOperator((d, d), matvec=matvec, dtype=dtype)
     tol = 1e-10 if dtype == np.float64 else 1e-5
     try:  # a fixed start vector keeps it deterministic
-        values, vectors = eigsh(operator, k=c, which="LA", v0=np.ones(d, dtype=dtype), ncv=min(d, max(2 * c + 1, 40)), tol=tol)
-    except ArpackNoConvergence:
+        ncv = min(d, max(2 * c + 1, 40))
+        values, vectors = eigsh(operator, k=c, which="LA", v0=np.ones(d, dtype=dtype), ncv=ncv, tol=tol, maxiter=50)
+    except ArpackNoConvergence:  # 50 restarts (~2000 products; 2 or 3 are usual): a degenerate top
         return dense()
     return torch.from_numpy(values), torch.from_numpy(vectors)
 
@@ -375,47 +376,61 @@ def model_removals(
     return removals, terms
 
 
-def _trimmed_pieces(pieces, task_vectors: list[dict[str, Tensor]], removals: dict[str, list[Removal]], rescale: bool):
-    """(piece, [trimmed T_i for that piece]) one piece at a time ("other" pieces untouched)."""
+def _trimmed_piece(i: int, piece, full: Tensor, removals: dict[str, list[Removal]], rescale: bool) -> Tensor:
+    """Task i's trimmed rows of one piece, from its full parameter tensor ("other" pieces untouched)."""
+    delta = piece.of(full)
+    if piece.family == "other":
+        return delta
+    scale_back = rescale and piece.family in ("linear", "norm_scale")
+    return trim(i, _as_matrix(piece, delta), removals[piece.name], scale_back).reshape(delta.shape)
+
+
+def _by_key(pieces, task_vectors: list) -> tuple[dict[str, list], dict]:
+    """(pieces grouped by parameter, the specs of the parameters that have pieces)."""
+    from .io import specs_of
+
+    by_key: dict[str, list] = {}
     for piece in pieces:
-        deltas = [piece.of(tv[piece.key]) for tv in task_vectors]
-        if piece.family == "other":
-            yield piece, deltas
-        else:
-            scale_back = rescale and piece.family in ("linear", "norm_scale")
-            yield piece, [trim(i, _as_matrix(piece, d), removals[piece.name], scale_back).reshape(d.shape) for i, d in enumerate(deltas)]
+        by_key.setdefault(piece.key, []).append(piece)
+    return by_key, {key: spec for key, spec in specs_of(task_vectors[0]).items() if key in by_key}
 
 
-def trimmed_vectors(pieces, task_vectors: list[dict[str, Tensor]], removals: dict[str, list[Removal]], rescale: bool) -> list[dict[str, Tensor]]:
-    """Every trimmed T_i, parameter by parameter (K models in memory: for analysis; the merge uses trimmed_sum)."""
-    out = [{} for _ in task_vectors]
-    for piece, trimmed in _trimmed_pieces(pieces, task_vectors, removals, rescale):
-        for vector, tv, piece_delta in zip(out, task_vectors, trimmed):
-            if piece.key not in vector:
-                vector[piece.key] = torch.empty_like(tv[piece.key])
-            piece.of(vector[piece.key]).copy_(piece_delta)
-    return out
+def trimmed_vectors(pieces, task_vectors: list, removals: dict[str, list[Removal]], rescale: bool) -> list:
+    """Every trimmed T_i, parameter by parameter. With task vectors read lazily (files), each
+    tensor is trimmed when read: memory for a layer, not K models (the merge uses trimmed_sum)."""
+    from .task_vectors import per_tensor
+
+    by_key, specs = _by_key(pieces, task_vectors)
+
+    def trimmed(i: int):
+        def compute(key: str) -> Tensor:
+            full = task_vectors[i][key]
+            out = torch.empty_like(full)
+            for piece in by_key[key]:
+                piece.of(out).copy_(_trimmed_piece(i, piece, full, removals, rescale))
+            return out
+
+        return per_tensor(specs, compute, task_vectors)
+
+    return [trimmed(i) for i in range(len(task_vectors))]
 
 
 def trimmed_sum(pieces, task_vectors: list, removals: dict[str, list[Removal]], rescale: bool):
     """sum_i trimmed T_i, parameter by parameter, summed in task order (one model's worth of sums;
     computed as each parameter is read when the task vectors are files read lazily)."""
-    from .io import specs_of
     from .task_vectors import per_tensor
 
-    by_key: dict[str, list] = {}
-    for piece in pieces:
-        by_key.setdefault(piece.key, []).append(piece)
+    by_key, specs = _by_key(pieces, task_vectors)
 
     def summed(key: str) -> Tensor:
         full = [tv[key] for tv in task_vectors]
         total = torch.empty_like(full[0])
-        for piece, trimmed in _trimmed_pieces(by_key[key], [{key: t} for t in full], removals, rescale):
+        for piece in by_key[key]:
+            trimmed = [_trimmed_piece(i, piece, f, removals, rescale) for i, f in enumerate(full)]
             piece_sum = trimmed[0].clone()
             for t in trimmed[1:]:
                 piece_sum += t
             piece.of(total).copy_(piece_sum)
         return total
 
-    specs = {key: spec for key, spec in specs_of(task_vectors[0]).items() if key in by_key}
     return per_tensor(specs, summed, task_vectors)

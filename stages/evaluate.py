@@ -7,7 +7,7 @@ from catmerge import cat
 from catmerge.cli import run_stage
 from catmerge.decomposition import decompose
 from catmerge.evaluation import bar_chart, results_table, summarize
-from catmerge.io import load_weights, read_json, write_json, write_text
+from catmerge.io import WeightsFile, read_json, write_json, write_text
 from catmerge.layout import DECOMPOSITION, DECOMPOSITION_CAT, METRICS_DIR, SELECTION, expert_dir, merged_path
 from catmerge.params import load_params
 from catmerge.selection import chosen_params
@@ -23,10 +23,10 @@ def main() -> None:
     for task, score in ws.score(ws.pretrained, "test").items():
         per_task[task]["pretrained"] = score
     for task in tasks:
-        expert = load_weights(expert_dir(task) / "expert.safetensors")
+        expert = WeightsFile(expert_dir(task) / "expert.safetensors")  # read into the tower a tensor at a time
         per_task[task]["expert"] = ws.score(expert, "test", [task])[task]
     for method in methods:
-        for task, score in ws.score(load_weights(merged_path(method)), "test").items():
+        for task, score in ws.score(WeightsFile(merged_path(method)), "test").items():
             per_task[task][method] = score
     metrics = summarize(per_task, methods)
     write_json(metrics, METRICS_DIR / "metrics.json")

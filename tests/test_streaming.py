@@ -236,7 +236,7 @@ def test_float32_precision_on_every_route_keeps_float64_bases_and_drops_round_of
     assert all(a.basis.dtype == torch.float64 and torch.equal(a.basis, b.basis) for a, b in zip(narrow, exact))
     # wide ones in float32: G_k of rank 2 with lambda 3 has nothing positive; round-off must not count
     monkeypatch.setattr(cat, "ROWS_ROUTE_MIN_WIDTH", 0)
-    deltas, rows = low_rank_problem(4, 3, 300, 40, 80, rank=1)
+    deltas, rows = low_rank_problem(4, 3, 300, 40, 20, rank=1)  # 100 rows: the row-space route
     for dtype in (torch.float64, torch.float32):
         removals, _ = cat.removal_bases([d.to(dtype) for d in deltas], [LayerInput(rows=x) for x in rows], 3.0, 5)
         kept = [len(r.kept) for r in removals]
