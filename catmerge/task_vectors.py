@@ -104,9 +104,3 @@ def sum_task_vectors(task_vectors: list[Weights]) -> Weights:
         return out
 
     return per_tensor(specs_of(task_vectors[0]), total, task_vectors)
-
-
-def assert_no_nonfinite(tensors: Weights, name: str) -> None:
-    for key, value in tensors.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ArtifactError(f"{name}: {key} contains NaN or Inf")
