@@ -6,9 +6,11 @@ import inspect
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from .io import ArtifactError, HubUnavailable
 from .params import Params, ParamsError
+from .workspace_lock import workspace_lock
 
 # Bad params or bad input files: the message says everything, a traceback would only hide it.
 USER_ERRORS = (ParamsError, ArtifactError)
@@ -32,7 +34,8 @@ def run_stage(name: str, main: Callable[..., None]) -> None:
         print(f"usage: python -m stages.{name} {usage}", file=sys.stderr)
         sys.exit(2)
     try:
-        main(*args)
+        with workspace_lock(Path.cwd(), command=f"python -m stages.{name} {' '.join(args)}".strip()):
+            main(*args)
     except HubUnavailable as exc:  # may pass: the Prefect flow retries these, and only these
         print(f"[{name}] transient error: {exc}", file=sys.stderr, flush=True)
         sys.exit(75)

@@ -59,6 +59,8 @@ def read_split(path: str | Path) -> Split:
     label_feature = features.get("label")
     if not isinstance(label_feature, datasets.ClassLabel) or "image" not in features:
         raise ArtifactError(f"{path}: expected columns 'image' (Image) and 'label' (ClassLabel), got {features}")
+    if table.num_rows == 0:
+        raise ArtifactError(f"{path}: the split has no rows")
     images = [
         np.asarray(Image.open(io.BytesIO(cell["bytes"])).convert("RGB"), dtype=np.uint8)
         for cell in table.column("image").to_pylist()

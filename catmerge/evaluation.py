@@ -20,11 +20,21 @@ def accuracy(tower: nn.Module, head: torch.Tensor, images: torch.Tensor, labels:
     return 100.0 * (predictions == labels).double().mean().item()
 
 
-def load_head(path) -> torch.Tensor:
-    """The (num_classes, embed_dim) zero-shot head stored by the experts stage."""
+def load_head(path, num_classes: int | None = None, embed_dim: int | None = None) -> torch.Tensor:
+    """The (num_classes, embed_dim) zero-shot head stored by the experts stage. Refused, naming the
+    file: no 2-D 'weight', NaN or Inf in it, or (when given) a row count other than the dataset's
+    `num_classes` or a column count other than the tower's embedding width `embed_dim`."""
     head = load_weights(path).get("weight")
     if head is None or head.ndim != 2:
         raise ArtifactError(f"{path}: expected a 2-D tensor 'weight' (num_classes x embed_dim)")
+    if not head.is_floating_point():
+        raise ArtifactError(f"{path}: 'weight' is {head.dtype}, expected a floating-point tensor")
+    if not torch.isfinite(head).all():
+        raise ArtifactError(f"{path}: 'weight' contains NaN or Inf")
+    if num_classes is not None and head.shape[0] != num_classes:
+        raise ArtifactError(f"{path}: 'weight' has {head.shape[0]} rows, the dataset has {num_classes} classes")
+    if embed_dim is not None and head.shape[1] != embed_dim:
+        raise ArtifactError(f"{path}: 'weight' has {head.shape[1]} columns, the image tower's embeddings have {embed_dim}")
     return head
 
 

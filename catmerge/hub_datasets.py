@@ -92,9 +92,12 @@ def load_split(task: str, spec: HubTask, split: str, size: int) -> LoadedSplit:
     """One split of a hub task: fetched and opened with `datasets` (labels read, images not yet)."""
     import datasets
 
+    where = f"dataset {spec.repo} ({task}, split {split})"
+    if split not in spec.splits:
+        raise ArtifactError(f"{where}: no split {split!r} in hub.datasets.{task}.splits; "
+                            f"splits: {', '.join(spec.splits) or 'none'}")
     pattern = spec.files.format(split=spec.splits[split])
     files = local_matching(spec.repo, pattern) if is_local(spec.repo) else fetch_matching(spec.repo, pattern, spec.revision)
-    where = f"dataset {spec.repo} ({task}, split {split})"
     ds = datasets.load_dataset("parquet", data_files=[str(f.path) for f in files], split="train")
     for column in (spec.image_column, spec.label_column):
         if column not in ds.features:

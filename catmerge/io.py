@@ -7,6 +7,7 @@ Every writer here goes through a temporary file in the destination directory and
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -37,12 +38,48 @@ def _umask() -> int:
     return mask
 
 
+def _temp_prefix(path: Path) -> str:
+    # the writer's pid in the name tells a later writer whether the temp is an orphan
+    return f".{path.name}.{os.getpid()}."
+
+
+def _remove_orphans(path: Path) -> None:
+    remove_orphaned_temps(path.parent, path.name)
+
+
+def remove_orphaned_temps(directory: str | Path, target: str | None = None) -> None:
+    """Delete the temporaries that writers killed mid-write (SIGKILL skips their cleanup) left in
+    `directory` (only those of `target`, when given): those whose writer process is gone. A live
+    writer's temporary is never touched. Temp names: `.<target>.<pid>.<random>.tmp`."""
+    for orphan in Path(directory).glob(f".{glob.escape(target) if target else ''}*.tmp"):
+        parts = orphan.name[1 : -len(".tmp")].rsplit(".", 2)
+        if len(parts) != 3:
+            continue
+        name, pid, _ = parts
+        if (target is None or name == target) and pid.isdigit() and not _alive(int(pid)):
+            if orphan.is_dir() and not orphan.is_symlink():
+                shutil.rmtree(orphan, ignore_errors=True)
+            else:
+                orphan.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_orphans(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get the usual mode
@@ -58,7 +95,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it replaces `path` whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _remove_orphans(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
@@ -294,3 +332,37 @@ def file_record(path: str | Path, root: str | Path, source: str) -> dict[str, st
     """Manifest entry for one file: path relative to the artifact root, its origin and sha256."""
     path = Path(path)
     return {"path": str(path.relative_to(root)), "source": source, "sha256": sha256_file(path)}
+
+
+def verify_manifest(directory: str | Path, manifest_name: str = "manifest.json") -> dict:
+    """The manifest of an artifact directory, after checking every file it lists: the path stays
+    inside the directory, the file exists and its sha256 is the one recorded. A file changed or
+    swapped after its stage wrote it stops the reader here, naming it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ArtifactError(f"missing directory: {directory}")
+    manifest_path = directory / manifest_name
+    manifest = read_json(manifest_path)
+    records = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and {"path", "sha256"} <= set(r) for r in records):
+        raise ArtifactError(f"{manifest_path}: expected a key 'files' listing {{'path', 'sha256'}} records")
+    root = directory.resolve()
+    for record in records:
+        target = (directory / record["path"]).resolve()
+        if Path(record["path"]).is_absolute() or not target.is_relative_to(root):
+            raise ArtifactError(f"{manifest_path}: path {record['path']!r} points outside {directory}")
+        if not target.is_file():
+            raise ArtifactError(f"{manifest_path}: lists {record['path']}, which is missing from {directory}")
+        stat = target.stat()
+        seen = (str(target), stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size, record["sha256"])
+        if seen in _VERIFIED:  # hashed already by this process, and untouched since
+            continue
+        digest = sha256_file(target)
+        if digest != record["sha256"]:
+            raise ArtifactError(f"{directory / record['path']}: sha256 {digest} does not match {record['sha256']} "
+                                f"recorded in {manifest_path} (changed after its stage wrote it)")
+        _VERIFIED.add(seen)
+    return manifest
+
+
+_VERIFIED: set[tuple] = set()

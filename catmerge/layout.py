@@ -2,12 +2,26 @@
 
 from pathlib import Path
 
+from .io import verify_manifest
+
 DATA = Path("data")
 PRETRAINED_DIR = DATA / "pretrained"
 PRETRAINED_TOWER = PRETRAINED_DIR / "image_tower.safetensors"
 PRETRAINED_TEXT = PRETRAINED_DIR / "text_projection.safetensors"
 MERGED_DIR = DATA / "merged"
 METRICS_DIR = Path("metrics")
+
+
+def checked_pretrained_tower(root: Path = Path(".")) -> Path:
+    """The pretrained image tower, once data/pretrained's manifest vouches for every file in it."""
+    verify_manifest(root / PRETRAINED_DIR)
+    return root / PRETRAINED_TOWER
+
+
+def checked_expert_dir(task: str, root: Path = Path(".")) -> Path:
+    """Task `task`'s expert directory (tower and head), once its manifest vouches for both."""
+    verify_manifest(root / expert_dir(task))
+    return root / expert_dir(task)
 
 
 def dataset_dir(task: str) -> Path:

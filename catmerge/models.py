@@ -50,16 +50,21 @@ def hf_clip_image_tower(config: dict) -> nn.Module:
 
 def copy_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:
     """Load `weights` into `model` one tensor at a time, as strictly as load_state_dict (same keys,
-    same shapes): a state dict read or computed lazily is never whole in memory beside the model."""
+    same shapes): a state dict read or computed lazily is never whole in memory beside the model.
+    A floating-point tensor with NaN or Inf is refused (ArtifactError naming the file, when
+    `weights` is one, and the key)."""
     own = model.state_dict()
     missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     if missing or extra:
         raise RuntimeError(f"keys differ from the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    source = getattr(weights, "path", None)
     with torch.no_grad():
         for name, target in own.items():
             value = weights[name]
             if value.shape != target.shape:
                 raise RuntimeError(f"{name} is {tuple(value.shape)}, the model has {tuple(target.shape)}")
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise ArtifactError(f"{source}: {name} contains NaN or Inf" if source else f"{name} contains NaN or Inf")
             target.copy_(value)
     return model
 

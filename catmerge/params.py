@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from itertools import product
 from pathlib import Path
 from typing import Any, Literal
@@ -224,6 +225,26 @@ class Params(Strict):
                     raise ValueError(f"source local: {where} = {ref!r} is not a local path (start it with / or ./)")
         return self
 
+    @model_validator(mode="after")
+    def _cat_fits_the_model_and_data(self) -> Params:
+        from .configs import model_config
+
+        if self.datasets.max_train is not None and self.cat.exemplars > self.datasets.max_train:
+            raise ValueError(f"cat.exemplars = {self.cat.exemplars}: more than the {self.datasets.max_train} train images per task "
+                             f"that datasets.max_train keeps")
+        vision = model_config(self.model).get("vision_cfg", {})
+        width = vision.get("width", vision.get("hidden_size"))  # open_clip / transformers names
+        if width is None:
+            return self  # the bases stage checks each layer's width itself
+        grid = self.select.get("cat", {})
+        for key in ("c", "c_norm", "c_shift"):
+            values = [(f"cat.{key}", getattr(self.cat, key))] + [(f"select.cat.{key}", v) for v in grid.get(key, [])]
+            for where, value in values:
+                if isinstance(value, int) and value >= width:
+                    raise ValueError(f"{where} = {value}: must be less than {width}, the output width of the narrowest layer "
+                                     f"CAT trims in model {self.model} (removing {value} directions would remove them all)")
+        return self
+
     @field_validator("model")
     @classmethod
     def _known_model(cls, model: str) -> str:
@@ -311,7 +332,22 @@ def resolve_device(name: str = "auto", source: str = "hf"):
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() and source != "builtin" else "cpu")
+        name = "cuda" if torch.cuda.is_available() and source != "builtin" else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ParamsError("device = 'cuda': torch sees no CUDA device here (use auto or cpu)")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        _deterministic_cuda()
+    return device
+
+
+def _deterministic_cuda() -> None:
+    """Same inputs, same bytes on a GPU too: deterministic kernels wherever torch has them (cuBLAS
+    needs a fixed workspace, set before it starts); an op without one warns rather than stopping
+    the run. Not needed on the CPU, whose kernels are deterministic for a given thread count (and
+    it costs a 2 s import)."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False

@@ -59,17 +59,23 @@ def _check_keys(expected: set[str], tensors: Weights, name: str) -> None:
 
 
 def task_vector(pretrained: Weights, expert: Weights, expert_name: str = "expert", dtype: torch.dtype = torch.float64) -> Weights:
-    """T_k = theta_k - theta_0 over the floating-point parameters; an expert with NaN or Inf is refused."""
+    """T_k = theta_k - theta_0 over the floating-point parameters; NaN or Inf in either model is
+    refused, tensor by tensor as each is read, naming the model's file (or "pretrained")."""
     check_compatible(pretrained, expert, expert_name)
+    pretrained_name = str(getattr(pretrained, "path", "pretrained"))
 
     def delta(key: str) -> torch.Tensor:
-        value = expert[key]
-        if not torch.isfinite(value).all():
-            raise ArtifactError(f"{expert_name}: {key} contains NaN or Inf")
-        return value.to(dtype) - pretrained[key].to(dtype)
+        value = _finite(expert[key], expert_name, key)
+        return value.to(dtype) - _finite(pretrained[key], pretrained_name, key).to(dtype)
 
     specs = {k: (dtype, shape) for k, (d, shape) in specs_of(pretrained).items() if d.is_floating_point}
     return per_tensor(specs, delta, pretrained, expert)
+
+
+def _finite(value: torch.Tensor, name: str, key: str) -> torch.Tensor:
+    if not torch.isfinite(value).all():
+        raise ArtifactError(f"{name}: {key} contains NaN or Inf")
+    return value
 
 
 def load_task_vector(pretrained: Weights, path) -> WeightsFile:

@@ -34,7 +34,7 @@ class Workspace:
 
     @cached_property
     def pretrained(self) -> WeightsFile:
-        return WeightsFile(self.path(layout.PRETRAINED_TOWER))
+        return WeightsFile(layout.checked_pretrained_tower(self.root))
 
     @cached_property
     def task_vectors(self) -> list[WeightsFile]:
@@ -104,9 +104,12 @@ class Workspace:
 
     @cached_property
     def heads(self) -> dict:
+        from .configs import model_config
         from .evaluation import load_head
 
-        return {t: load_head(self.path(layout.expert_dir(t) / "head.safetensors")) for t in self.params.tasks}
+        width = model_config(self.params.model)["embed_dim"]  # the tower's embedding width
+        classes = {t: len(read_json(self.path(layout.dataset_dir(t) / "info.json"))["class_names"]) for t in self.params.tasks}
+        return {t: load_head(layout.checked_expert_dir(t, self.root) / "head.safetensors", classes[t], width) for t in self.params.tasks}
 
     @cached_property
     def tower(self):

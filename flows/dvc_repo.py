@@ -11,13 +11,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from catmerge.io import atomic_path
 from catmerge.params import ParamsError, load_params
+from catmerge.workspace_lock import HOLDER_ENV
 
 DVC = [sys.executable, "-m", "dvc"]
 
@@ -118,8 +119,10 @@ def reproduce(stage: str, project: Path, echo: bool = True, timeout_seconds: flo
     """`dvc repro --single-item <stage>`: DVC runs it if stale, skips it otherwise."""
     start = time.perf_counter()
     # Progress bars are shown to a person even though the stage's output goes through a pipe.
-    env = {"CATMERGE_PROGRESS": "always"}
-    code, stdout, stderr = run_dvc(["repro", "--single-item", stage], project, echo, env, timeout_seconds)
+    # The flow holds the workspace lock (catmerge/workspace_lock.py): its stages go in under it, and
+    # DVC waits out the brief DVC lock of anything else (`dvc status`, a refused `dvc repro`).
+    env = {"CATMERGE_PROGRESS": "always", HOLDER_ENV: str(os.getpid())}
+    code, stdout, stderr = run_dvc(["repro", "--wait-for-lock", "--single-item", stage], project, echo, env, timeout_seconds)
     if code != 0:
         raise stage_failure(stage, stdout, stderr)
     restored = f"Stage '{stage}' is cached - skipping run" in stdout
@@ -137,19 +140,19 @@ def apply_overrides(project: Path, overrides: list[str]) -> None:
 
     for name, file_overrides in to_path_overrides(overrides).items():
         path = project / name
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=project)
-        os.close(fd)
-        try:
-            shutil.copyfile(path, tmp)
-            dvc_apply_overrides(tmp, file_overrides)
-            if path.name == "params.yaml":
-                try:
-                    load_params(tmp)
-                except ParamsError as exc:  # name the real file and the overrides, not the temp copy
-                    raise ParamsError(str(exc).replace(tmp, f"{path} with {' '.join(file_overrides)}")) from None
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_path(path) as tmp:
+            edited = tmp.with_name(tmp.name + path.suffix)  # DVC picks the file format by its suffix
+            try:
+                shutil.copyfile(path, edited)
+                dvc_apply_overrides(str(edited), file_overrides)
+                if path.name == "params.yaml":
+                    try:
+                        load_params(edited)
+                    except ParamsError as exc:  # name the real file and the overrides, not the temp copy
+                        raise ParamsError(str(exc).replace(str(edited), f"{path} with {' '.join(file_overrides)}")) from None
+                os.replace(edited, tmp)
+            finally:
+                edited.unlink(missing_ok=True)
 
 
 def save_experiment(project: Path, name: str | None) -> str:

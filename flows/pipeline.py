@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -27,6 +28,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
+from catmerge.workspace_lock import workspace_lock
 from flows.dvc_repo import (
     StageFailed,
     apply_overrides,
@@ -92,15 +94,18 @@ def pipeline(
     """Reproduce every stage in order; with overrides, set them first and save a DVC experiment."""
     logger = get_run_logger()
     root = Path(project).resolve()
-    apply_overrides(root, overrides or [])
-    outcomes = []
-    for stage in stage_order(root):
-        runner, timeout = stage_task(stage, download_retries, download_timeout_seconds)
-        outcomes.append(runner(stage, str(root), timeout))
+    # held for the whole run, so a second run in this workspace fails at once instead of
+    # interleaving its stages (or its params.yaml overrides) with ours
+    with workspace_lock(root, command=f"flow catmerge-pipeline (pid {os.getpid()})", check_dvc=True):
+        apply_overrides(root, overrides or [])
+        outcomes = []
+        for stage in stage_order(root):
+            runner, timeout = stage_task(stage, download_retries, download_timeout_seconds)
+            outcomes.append(runner(stage, str(root), timeout))
+        saved = save_experiment(root, experiment) if overrides else None
+        metrics = json.loads((root / METRICS).read_text()) if (root / METRICS).is_file() else None
     ran = [o["stage"] for o in outcomes if o["ran"]]
     logger.info("ran %d stage(s): %s; skipped %d up to date", len(ran), ", ".join(ran) or "none", len(outcomes) - len(ran))
-    saved = save_experiment(root, experiment) if overrides else None
-    metrics = json.loads((root / METRICS).read_text()) if (root / METRICS).is_file() else None
     summary = f"Overrides: {', '.join(overrides or []) or 'none'}. Ran: {', '.join(ran) or 'nothing (all up to date)'}.\n\n"
     _publish(root, "catmerge-results", "catmerge results", summary)
     return {"stages": outcomes, "ran": ran, "metrics": metrics, "experiment": saved}

@@ -10,7 +10,7 @@ from catmerge.cli import check_task_argument, run_stage
 from catmerge.data import read_split
 from catmerge.features import capture, exemplar_indices
 from catmerge.io import WeightsFile, save_weights
-from catmerge.layout import PRETRAINED_TOWER, dataset_dir, features_path, task_vector_path
+from catmerge.layout import checked_pretrained_tower, dataset_dir, features_path, task_vector_path
 from catmerge.models import create_image_tower, resolve_device
 from catmerge.params import ParamsError, load_params
 from catmerge.task_vectors import apply_task_vector, load_task_vector
@@ -25,13 +25,14 @@ def main(task: str) -> None:
     if count > len(train.labels):
         raise ParamsError(f"cat.exemplars = {count}: {train_path} has only {len(train.labels)} images")
     chosen = exemplar_indices(count, len(train.labels), params.data_seed, task)
-    pretrained = WeightsFile(PRETRAINED_TOWER)  # read a tensor at a time, into the tower
+    pretrained = WeightsFile(checked_pretrained_tower())  # read a tensor at a time, into the tower
     delta = load_task_vector(pretrained, task_vector_path(task))
     tower = create_image_tower(params.model).to(resolve_device(params.device, params.source))
     tensors, pieces, info = capture(tower, apply_task_vector(pretrained, delta, params.cat.feature_alpha), train.images[chosen])
     needed = {p.input for p in pieces if p.input is not None}
     rows = info["rows"]
-    meta = {"task": task, "adapter": info["adapter"], "exemplars": chosen.tolist(), "rows": rows, "feature_alpha": params.cat.feature_alpha}
+    meta = {"task": task, "adapter": info["adapter"], "exemplars": chosen.tolist(), "data_seed": params.data_seed, "rows": rows,
+            "feature_alpha": params.cat.feature_alpha}  # data_seed: the seed the exemplars were drawn with
     save_weights(tensors, features_path(task), meta)
     print(f"{task}: {count} exemplars {chosen.tolist()}, {rows} rows per layer, {len(needed)} layer inputs")
 

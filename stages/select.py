@@ -7,7 +7,7 @@ Never reads a test split (catmerge/selection.py).
 """
 
 from catmerge.cli import run_stage
-from catmerge.io import atomic_dir, write_json
+from catmerge.io import atomic_dir, remove_orphaned_temps, write_json
 from catmerge.layout import ALPHA_CURVES, SELECT_CACHE, SELECTION
 from catmerge.params import load_params
 from catmerge.selection import alpha_curve, select
@@ -17,6 +17,7 @@ from catmerge.workspace import Workspace
 def main() -> None:
     params = load_params()
     SELECT_CACHE.mkdir(parents=True, exist_ok=True)
+    remove_orphaned_temps(SELECT_CACHE)  # a persistent output: a killed run's temporaries would stay in it
     selection = select(Workspace(params), SELECT_CACHE)
     write_json(selection, SELECTION)
     with atomic_dir(ALPHA_CURVES) as out:

@@ -91,10 +91,14 @@ def test_stage_failure_fails_the_run_with_the_stage_message_and_keeps_artifacts(
 
     project, _ = flow_project
     params_before = (project / "params.yaml").read_text()
+    bases_code = (project / "stages/bases.py").read_text()
     before = artifact_hashes(project)
     try:
-        with pytest.raises(Exception, match=r"bases: \[bases\] error: cat.c = 100: must be below the output width 16"):
-            pipeline(str(project), overrides=["cat.c=100"])
+        # a stage that fails on valid params: its input checks refuse what it reads
+        failing = "    from catmerge.params import ParamsError\n    raise ParamsError('cat.c = 3: injected failure')\n"
+        (project / "stages/bases.py").write_text(bases_code.replace("    params = load_params()\n", f"    params = load_params()\n{failing}", 1))
+        with pytest.raises(Exception, match=r"bases: \[bases\] error: cat.c = 3: injected failure"):
+            pipeline(str(project), overrides=["cat.c=3"])
         # DVC clears the failing stage's own outputs before running it; everything else is untouched
         # and nothing half-written is left behind
         after = artifact_hashes(project)
@@ -102,12 +106,36 @@ def test_stage_failure_fails_the_run_with_the_stage_message_and_keeps_artifacts(
         assert not list((project / "data").rglob("*.tmp"))
     finally:
         (project / "params.yaml").write_text(params_before)
+        (project / "stages/bases.py").write_text(bases_code)
     pipeline(str(project))  # reruns bases, or restores it from the run cache
     assert artifact_hashes(project) == before
     # an invalid override is refused before anything runs or is written
     with pytest.raises(Exception, match=r"params.yaml with cat.c=-1:\n  cat.c = -1"):
         pipeline(str(project), overrides=["cat.c=-1"])
+    with pytest.raises(Exception, match=r"params.yaml with cat.c=100:\n  cat.c = 100: must be less than 16"):
+        pipeline(str(project), overrides=["cat.c=100"])
     assert (project / "params.yaml").read_text() == params_before
+    assert oct((project / "params.yaml").stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # not the temp file's 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_second_flow_is_refused_while_one_holds_the_workspace(flow_project):
+    from catmerge.workspace_lock import WorkspaceBusy, workspace_lock
+    from flows.pipeline import pipeline
+
+    project, _ = flow_project
+    params_before = (project / "params.yaml").read_text()
+    before = artifact_hashes(project)
+    with workspace_lock(project, command="flow catmerge-pipeline (the first)"), \
+            pytest.raises(WorkspaceBusy, match=r"workspace busy: .* in use by pid \d+ \(flow catmerge-pipeline \(the first\)"):
+        pipeline(str(project), overrides=["merge.alpha=0.9"])
+    assert (project / "params.yaml").read_text() == params_before  # the override never landed
+    assert artifact_hashes(project) == before
 
 
 def test_two_point_sweep_on_a_two_worker_dask_cluster(flow_project, tmp_path):

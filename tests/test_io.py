@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -51,3 +53,62 @@ def test_weights_round_trip_and_errors_name_the_file(tmp_path):
     truncated.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(ArtifactError, match=r"cannot read safetensors file .*truncated.safetensors"):
         load_weights(truncated)
+
+
+def _artifact_dir(tmp_path):
+    from catmerge.io import file_record, write_json
+
+    out = tmp_path / "experts" / "mnist"
+    save_weights({"w": torch.ones(4)}, out / "expert.safetensors")
+    write_json({"files": [file_record(out / "expert.safetensors", out, "test")]}, out / "manifest.json")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (lambda out: save_weights({"w": torch.zeros(4)}, out / "expert.safetensors"),
+         r"expert.safetensors: sha256 [0-9a-f]{64} does not match [0-9a-f]{64} recorded in .*manifest.json"),
+        (lambda out: (out / "expert.safetensors").unlink(), r"manifest.json: lists expert.safetensors, which is missing"),
+        (lambda out: _rewrite_path(out, "../../../etc/passwd"), r"manifest.json: path '../../../etc/passwd' points outside"),
+        (lambda out: _rewrite_path(out, "/etc/passwd"), r"manifest.json: path '/etc/passwd' points outside"),
+        (lambda out: (out / "manifest.json").write_text('{"files": "all"}'), r"manifest.json: expected a key 'files' listing"),
+        (lambda out: (out / "manifest.json").write_text("{"), r"invalid JSON in .*manifest.json"),
+    ],
+    ids=["sha256-mismatch", "listed-file-missing", "path-escapes", "absolute-path", "no-files-list", "corrupt-json"],
+)
+def test_manifest_checks_name_the_file_and_the_problem(tmp_path, tamper, message):
+    from catmerge.io import verify_manifest
+
+    out = _artifact_dir(tmp_path)
+    assert verify_manifest(out)["files"][0]["path"] == "expert.safetensors"
+    tamper(out)
+    with pytest.raises(ArtifactError, match=message):
+        verify_manifest(out)
+
+
+def _rewrite_path(out, path):
+    import json
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"][0]["path"] = path
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_orphaned_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    orphan = tmp_path / f".w.safetensors.{dead_pid}.abc123.tmp"
+    orphan.write_bytes(b"half")
+    orphan_dir = tmp_path / f".w.safetensors.{dead_pid}.def456.tmp"
+    orphan_dir.mkdir()
+    live = tmp_path / f".w.safetensors.{os.getppid()}.xyz789.tmp"  # a writer that is still running
+    live.write_bytes(b"in progress")
+    other = tmp_path / f".v.safetensors.{dead_pid}.abc123.tmp"  # another target's: left to its writer
+    other.write_bytes(b"half")
+    save_weights({"a": torch.ones(2)}, tmp_path / "w.safetensors")
+    assert not orphan.exists() and not orphan_dir.exists()
+    assert live.exists() and other.exists()

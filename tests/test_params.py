@@ -48,6 +48,16 @@ def test_repo_params_are_valid():
         ({"select": {"cat": {"exemplars": [1, 2]}}}, r"select.cat.exemplars: not a selectable param of cat"),
         ({"select": {"cat": {"alpha": [0.5, -1]}}}, r"select.cat.alpha = -1: .*greater than 0"),
         ({"select": {"pcb": {"alpha": []}}}, r"select.pcb.alpha: the candidate list is empty"),
+        ({"merge_methods": ["cat"]}, r"merge_methods = \['cat'\]: Extra inputs are not permitted"),
+        ({"seed": 1.5}, r"seed = 1.5: Input should be a valid integer"),
+        ({"cat__c": -1}, r"cat.c = -1: .*greater than or equal to 0"),
+        ({"cat__c": 16}, r"cat.c = 16: must be less than 16, the output width of the narrowest layer CAT trims in model micro-vit-minilm"),
+        ({"cat__c_shift": 40}, r"cat.c_shift = 40: must be less than 16"),
+        ({"select": {"cat": {"c": [2, 16]}}}, r"select.cat.c = 16: must be less than 16"),
+        ({"cat__alpha": 0}, r"cat.alpha = 0: .*greater than 0"),
+        ({"cat__exemplars": 0}, r"cat.exemplars = 0: .*greater than or equal to 1"),
+        ({"cat__exemplars": 201}, r"cat.exemplars = 201: more than the 200 train images per task that datasets.max_train keeps"),
+        ({"cat__qkv": "joint"}, r"cat.qkv = 'joint': Input should be 'split' or 'fused'"),
     ],
 )
 def test_bad_params_are_refused_with_the_key(tmp_path, change, expected):

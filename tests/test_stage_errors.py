@@ -52,5 +52,5 @@ def test_missing_input_file_is_named(workdir):
     write_params(workdir / "params.yaml", MICRO_PARAMS)
     proc = run([sys.executable, "-m", "stages.task_vectors", "mnist"], workdir, check=False)
     assert proc.returncode == 2
-    assert "data/pretrained/image_tower.safetensors" in proc.stderr
+    assert "[task_vectors] error: missing directory: data/pretrained\n" in proc.stderr
     assert not (workdir / "data/task_vectors").exists()

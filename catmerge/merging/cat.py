@@ -7,22 +7,24 @@ layout in docs/artifacts.md) and applies them.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from .. import cat
 from ..adapters import Piece, get_adapter
+from ..features import GRAM, ROWS
 from ..io import (
     ArtifactError,
     StateDict,
     atomic_dir,
     file_record,
     load_weights,
-    read_json,
     save_weights,
-    sha256_file,
     specs_of,
+    verify_manifest,
     write_json,
 )
 from ..params import ParamsError
@@ -85,9 +87,42 @@ def compute_removals(pretrained, task_vectors: list, features: list, p, names: l
         for name, (linear, sums, _) in zip(names, features):
             if piece.input is not None and piece.input not in (linear if piece.family == "linear" else sums):
                 raise ArtifactError(f"{name}: no features for {piece.input} (needed by {piece.name})")
-    inputs = [(linear, sums) for linear, sums, _ in features]
+    d_in = {piece.input: (piece.key, _input_width(shapes[piece.key])) for piece in pieces if piece.family == "linear"}
+    inputs = [(_CheckedInputs(linear, d_in, name), sums) for name, (linear, sums, _) in zip(names, features)]
     removals, terms = cat.model_removals(pieces, task_vectors, inputs, settings(p), device)
     return pieces, removals, {"adapter": adapter.NAME, "params": resolved_params(p)}, terms
+
+
+def _input_width(shape: tuple[int, ...]) -> int:
+    """d_in of a linear piece: its weight as a (d_out, d_in) matrix (a convolution on unfolded patches)."""
+    return math.prod(shape[1:])
+
+
+class _CheckedInputs(Mapping):
+    """A task's linear-layer inputs by name, each checked on access against the input width d_in of
+    the weight it feeds (`d_in`: input name -> (weight key, d_in)); `source` is the features file."""
+
+    def __init__(self, inputs: Mapping, d_in: dict[str, tuple[str, int]], source: str):
+        self._inputs, self._d_in, self._source = inputs, d_in, source
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the inputs
+        return name in self._inputs
+
+    def __getitem__(self, name: str) -> cat.LayerInput:
+        x = self._inputs[name]
+        if name in self._d_in:
+            piece, d_in = self._d_in[name]
+            key, shape = (f"{name}.{ROWS}", x.rows.shape) if x.rows is not None else (f"{name}.{GRAM}", x.gram.shape)
+            if len(shape) != 2 or shape[1] != d_in or (x.rows is None and shape[0] != d_in):
+                width = shape[-1] if len(shape) else None
+                raise ArtifactError(f"{self._source}: {key} is {tuple(shape)}, input width {width}; the weight {piece} has d_in {d_in}")
+        return x
+
+    def __iter__(self):
+        return iter(self._inputs)
+
+    def __len__(self) -> int:
+        return len(self._inputs)
 
 
 def write_removals(
@@ -126,15 +161,12 @@ def read_removals(directory: str | Path, tasks: list[str]) -> tuple[list[Piece],
     """The bases stage's removals for `tasks` (in that order), checked against the manifest."""
     directory = Path(directory)
     manifest_path = directory / MANIFEST
-    manifest = read_json(manifest_path)
-    missing = [key for key in ("tasks", "pieces", "files") if key not in manifest]
+    manifest = verify_manifest(directory, MANIFEST)
+    missing = [key for key in ("tasks", "pieces") if key not in manifest]
     if missing:
         raise ArtifactError(f"{manifest_path}: missing keys {missing}")
     if manifest["tasks"] != list(tasks):
         raise ArtifactError(f"{manifest_path}: bases were computed for tasks {manifest['tasks']}, not {list(tasks)}")
-    for record in manifest["files"]:
-        if sha256_file(directory / record["path"]) != record["sha256"]:
-            raise ArtifactError(f"{directory / record['path']}: sha256 does not match {manifest_path}")
     pieces = [Piece.from_json(p) for p in manifest["pieces"]]
     stored = [load_weights(directory / f"{task}.safetensors") for task in tasks]
     by_piece = {}
@@ -152,6 +184,10 @@ def read_removals(directory: str | Path, tasks: list[str]) -> tuple[list[Piece],
                 mask is not None and (mask.dim() != 1 or (mask.numel() and int(mask.max()) >= width))
             ):
                 raise ArtifactError(f"{path}: removal for {piece.name} does not fit its {width} rows")
+            if basis is not None and not torch.isfinite(basis).all():
+                raise ArtifactError(f"{path}: {piece.name}.basis contains NaN or Inf")
+            if mask is not None and mask.numel() and int(mask.min()) < 0:
+                raise ArtifactError(f"{path}: {piece.name}.mask has a negative index ({int(mask.min())})")
             removals.append(cat.Removal(basis, mask, [], 0.0))
         by_piece[piece.name] = removals
     return pieces, by_piece

@@ -1,0 +1,107 @@
+"""One pipeline run per workspace at a time.
+
+A run (a Prefect flow, or a stage run by `dvc repro` or by hand) holds an exclusive lock on
+`.catmerge/workspace.lock` in the project; a second run fails at once with `WorkspaceBusy`,
+naming the holder, before it reads or writes anything. The lock is an flock: the kernel drops it
+when its holder dies, even by SIGKILL, so a crashed run never leaves the workspace locked.
+
+Two `dvc repro` in one workspace are already kept apart by DVC's own lock (`.dvc/tmp/lock`),
+held for the whole command. A flow holds ours for its whole run (it calls DVC once per stage,
+releasing DVC's lock in between), and refuses to start while a DVC command holds DVC's. The
+flow's own stages run with `HOLDER_ENV` set to the flow's pid and do not lock again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from .io import ArtifactError
+
+LOCK_FILE = Path(".catmerge/workspace.lock")
+DVC_LOCK_FILE = Path(".dvc/tmp/lock")
+HOLDER_ENV = "CATMERGE_WORKSPACE_HOLDER"  # pid of the run holding the lock for its child stages
+
+
+class WorkspaceBusy(ArtifactError):
+    """Another pipeline run holds the workspace."""
+
+
+def _holder_description(path: Path) -> str:
+    try:
+        holder = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        holder = {}
+    if not holder:
+        return "another process"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+    return f"pid {holder.get('pid')} ({holder.get('command', '?')}, since {since})"
+
+
+def _try_flock(path: Path):
+    """An open handle holding an exclusive flock on `path`, or None when another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 - held open for as long as the lock is
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def _dvc_is_running(root: Path) -> str | None:
+    """The pid a DVC command holding `.dvc/tmp/lock` wrote there, or None when none holds it."""
+    path = root / DVC_LOCK_FILE
+    if not path.is_file():
+        return None
+    handle = _try_flock(path)  # DVC's lock (zc.lockfile) is an flock on the same file
+    if handle is not None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        handle.close()
+        return None
+    return path.read_text().strip() or "?"
+
+
+@contextlib.contextmanager
+def workspace_lock(root: str | Path = ".", command: str | None = None, check_dvc: bool = False) -> Iterator[None]:
+    """Hold the workspace at `root` for one run; raise WorkspaceBusy when another run holds it.
+    A process started by the run holding it (`HOLDER_ENV` names that run) goes in without locking.
+    `check_dvc`: also refuse while a DVC command is running here (a flow's check before it starts)."""
+    root = Path(root)
+    path = root / LOCK_FILE
+    holder = os.environ.get(HOLDER_ENV)
+    if holder and path.is_file() and _recorded_pid(path) == holder:
+        yield
+        return
+    handle = _try_flock(path)
+    if handle is None:
+        raise WorkspaceBusy(f"workspace busy: {root.resolve()} is in use by {_holder_description(path)}; "
+                            f"wait for that run to finish (lock: {path})")
+    try:
+        if check_dvc and (pid := _dvc_is_running(root)) is not None:
+            raise WorkspaceBusy(f"workspace busy: a DVC command (pid {pid}) is running in {root.resolve()}; "
+                                f"wait for it to finish (lock: {root / DVC_LOCK_FILE})")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": str(os.getpid()), "command": command or " ".join(sys.argv), "since": time.time()}))
+        handle.flush()
+        yield
+    finally:
+        handle.seek(0)
+        handle.truncate()
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        handle.close()
+
+
+def _recorded_pid(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text() or "{}").get("pid")
+    except (OSError, ValueError):
+        return None
