@@ -89,6 +89,11 @@ class _StoredInputs(Mapping):
     def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
         return name in self._keys
 
+    def stored_shape(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """(key, shape) of input `name` as the file's header gives it: nothing is read."""
+        key = self._keys[name]
+        return key, self._weights.specs[key][1]
+
     def __getitem__(self, name: str):
         key = self._keys[name]
         value = self._weights[key]

@@ -11,10 +11,11 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported where weights are touched: the datasets stage never needs it
@@ -56,7 +57,7 @@ def remove_orphaned_temps(directory: str | Path, target: str | None = None) -> N
         if len(parts) != 3:
             continue
         name, pid, _ = parts
-        if (target is None or name == target) and pid.isdigit() and not _alive(int(pid)):
+        if (target is None or name == target) and pid.isdigit() and len(pid) < 10 and not _alive(int(pid)):
             if orphan.is_dir() and not orphan.is_symlink():
                 shutil.rmtree(orphan, ignore_errors=True)
             else:
@@ -101,7 +102,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
+            old = path.with_name(f"{_temp_prefix(path)}old.tmp")  # a temporary too: a kill here leaves an orphan
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)
@@ -334,35 +335,45 @@ def file_record(path: str | Path, root: str | Path, source: str) -> dict[str, st
     return {"path": str(path.relative_to(root)), "source": source, "sha256": sha256_file(path)}
 
 
-def verify_manifest(directory: str | Path, manifest_name: str = "manifest.json") -> dict:
-    """The manifest of an artifact directory, after checking every file it lists: the path stays
-    inside the directory, the file exists and its sha256 is the one recorded. A file changed or
-    swapped after its stage wrote it stops the reader here, naming it."""
+# Files this process has hashed and found as their manifest says, by identity and modification
+# time: each stage reads theta_0 several times, and hashing it once is enough.
+_VERIFIED: set[tuple] = set()
+
+
+def verify_manifest(directory: str | Path, manifest_name: str = "manifest.json", only: Iterable[str] | None = None) -> dict:
+    """The manifest of an artifact directory, after checking the files it lists (those in `only`,
+    when given): the path stays inside the directory, the file exists and its sha256 is the one
+    recorded. A file changed or swapped after its stage wrote it stops the reader here, naming it."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ArtifactError(f"missing directory: {directory}")
     manifest_path = directory / manifest_name
     manifest = read_json(manifest_path)
     records = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(records, list) or not all(isinstance(r, dict) and {"path", "sha256"} <= set(r) for r in records):
-        raise ArtifactError(f"{manifest_path}: expected a key 'files' listing {{'path', 'sha256'}} records")
-    root = directory.resolve()
+    if not isinstance(records, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("path"), str) and re.fullmatch(r"[0-9a-f]{64}", str(r.get("sha256"))) for r in records
+    ):
+        raise ArtifactError(f"{manifest_path}: expected a key 'files' listing records with a 'path' and a 64-hex-digit 'sha256'")
     for record in records:
-        target = (directory / record["path"]).resolve()
-        if Path(record["path"]).is_absolute() or not target.is_relative_to(root):
+        relative = PurePosixPath(record["path"])
+        # judged as written, not as resolved: DVC may check files out as symlinks into its cache
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
             raise ArtifactError(f"{manifest_path}: path {record['path']!r} points outside {directory}")
+        if only is not None and record["path"] not in only:
+            continue
+        target = directory / relative
         if not target.is_file():
             raise ArtifactError(f"{manifest_path}: lists {record['path']}, which is missing from {directory}")
         stat = target.stat()
-        seen = (str(target), stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size, record["sha256"])
-        if seen in _VERIFIED:  # hashed already by this process, and untouched since
+        seen = (str(target.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size, record["sha256"])
+        if seen in _VERIFIED:
             continue
         digest = sha256_file(target)
         if digest != record["sha256"]:
-            raise ArtifactError(f"{directory / record['path']}: sha256 {digest} does not match {record['sha256']} "
+            raise ArtifactError(f"{target}: sha256 {digest} does not match {record['sha256']} "
                                 f"recorded in {manifest_path} (changed after its stage wrote it)")
         _VERIFIED.add(seen)
+    missing = sorted(set(only or ()) - {r["path"] for r in records})
+    if missing:
+        raise ArtifactError(f"{manifest_path}: does not list {', '.join(missing)}")
     return manifest
-
-
-_VERIFIED: set[tuple] = set()

@@ -12,16 +12,17 @@ MERGED_DIR = DATA / "merged"
 METRICS_DIR = Path("metrics")
 
 
-def checked_pretrained_tower(root: Path = Path(".")) -> Path:
-    """The pretrained image tower, once data/pretrained's manifest vouches for every file in it."""
-    verify_manifest(root / PRETRAINED_DIR)
-    return root / PRETRAINED_TOWER
+def checked_pretrained(name: str = PRETRAINED_TOWER.name, root: Path = Path(".")) -> Path:
+    """data/pretrained/<name> (the image tower by default), once the directory's manifest vouches for it."""
+    verify_manifest(root / PRETRAINED_DIR, only=[name])
+    return root / PRETRAINED_DIR / name
 
 
-def checked_expert_dir(task: str, root: Path = Path(".")) -> Path:
-    """Task `task`'s expert directory (tower and head), once its manifest vouches for both."""
-    verify_manifest(root / expert_dir(task))
-    return root / expert_dir(task)
+def checked_expert(task: str, name: str = "expert.safetensors", root: Path = Path(".")) -> Path:
+    """data/experts/<task>/<name> (the tower by default, or head.safetensors), once the
+    directory's manifest vouches for it."""
+    verify_manifest(root / expert_dir(task), only=[name])
+    return root / expert_dir(task) / name
 
 
 def dataset_dir(task: str) -> Path:

@@ -240,9 +240,14 @@ class Params(Strict):
         for key in ("c", "c_norm", "c_shift"):
             values = [(f"cat.{key}", getattr(self.cat, key))] + [(f"select.cat.{key}", v) for v in grid.get(key, [])]
             for where, value in values:
-                if isinstance(value, int) and value >= width:
-                    raise ValueError(f"{where} = {value}: must be less than {width}, the output width of the narrowest layer "
-                                     f"CAT trims in model {self.model} (removing {value} directions would remove them all)")
+                if not isinstance(value, int):
+                    continue
+                if key == "c" and value >= width:  # B_k would span every direction: nothing of T_i would be kept
+                    raise ValueError(f"{where} = {value}: must be less than {width}, the output width of the narrowest linear "
+                                     f"layer CAT trims in model {self.model}")
+                if value > width:
+                    raise ValueError(f"{where} = {value}: more than the {width} coordinates of the narrowest norm scale "
+                                     f"or shift CAT masks in model {self.model}")
         return self
 
     @field_validator("model")

@@ -34,7 +34,7 @@ class Workspace:
 
     @cached_property
     def pretrained(self) -> WeightsFile:
-        return WeightsFile(layout.checked_pretrained_tower(self.root))
+        return WeightsFile(layout.checked_pretrained(root=self.root))
 
     @cached_property
     def task_vectors(self) -> list[WeightsFile]:
@@ -109,7 +109,7 @@ class Workspace:
 
         width = model_config(self.params.model)["embed_dim"]  # the tower's embedding width
         classes = {t: len(read_json(self.path(layout.dataset_dir(t) / "info.json"))["class_names"]) for t in self.params.tasks}
-        return {t: load_head(layout.checked_expert_dir(t, self.root) / "head.safetensors", classes[t], width) for t in self.params.tasks}
+        return {t: load_head(layout.checked_expert(t, "head.safetensors", self.root), classes[t], width) for t in self.params.tasks}
 
     @cached_property
     def tower(self):

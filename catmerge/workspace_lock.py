@@ -5,10 +5,11 @@ A run (a Prefect flow, or a stage run by `dvc repro` or by hand) holds an exclus
 naming the holder, before it reads or writes anything. The lock is an flock: the kernel drops it
 when its holder dies, even by SIGKILL, so a crashed run never leaves the workspace locked.
 
-Two `dvc repro` in one workspace are already kept apart by DVC's own lock (`.dvc/tmp/lock`),
-held for the whole command. A flow holds ours for its whole run (it calls DVC once per stage,
-releasing DVC's lock in between), and refuses to start while a DVC command holds DVC's. The
-flow's own stages run with `HOLDER_ENV` set to the flow's pid and do not lock again.
+A flow holds ours for its whole run, and refuses to start while a DVC command holds DVC's repo
+lock (`.dvc/tmp/lock`). It runs `dvc repro` once per stage, handing the lock's descriptor to each,
+and its stages go in because `HOLDER_ENV` names the flow that holds the lock. A bare `dvc repro`
+takes ours stage by stage, in each stage's process; between and around stages, DVC's own locks
+keep two DVC commands apart (docs/reliability.md says where they do not).
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ def _holder_description(path: Path) -> str:
 
 def _try_flock(path: Path):
     """An open handle holding an exclusive flock on `path`, or None when another process holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")  # noqa: SIM115 - held open for as long as the lock is
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")  # noqa: SIM115 - held open for as long as the lock is
+    except OSError as exc:
+        raise ArtifactError(f"cannot open the workspace lock {path}: {exc.strerror} (the project must be writable)") from None
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -76,14 +80,15 @@ def workspace_lock(root: str | Path = ".", command: str | None = None, check_dvc
     `check_dvc`: also refuse while a DVC command is running here (a flow's check before it starts)."""
     root = Path(root)
     path = root / LOCK_FILE
-    holder = os.environ.get(HOLDER_ENV)
-    if holder and path.is_file() and _recorded_pid(path) == holder:
-        yield
-        return
     handle = _try_flock(path)
     if handle is None:
+        holder = os.environ.get(HOLDER_ENV)
+        if holder and _recorded_pid(path) == holder:  # held, and by the run that started us
+            yield
+            return
         raise WorkspaceBusy(f"workspace busy: {root.resolve()} is in use by {_holder_description(path)}; "
                             f"wait for that run to finish (lock: {path})")
+    _HELD[handle.fileno()] = path
     try:
         if check_dvc and (pid := _dvc_is_running(root)) is not None:
             raise WorkspaceBusy(f"workspace busy: a DVC command (pid {pid}) is running in {root.resolve()}; "
@@ -94,10 +99,21 @@ def workspace_lock(root: str | Path = ".", command: str | None = None, check_dvc
         handle.flush()
         yield
     finally:
+        _HELD.pop(handle.fileno(), None)
         handle.seek(0)
         handle.truncate()
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         handle.close()
+
+
+def held_lock_fds() -> tuple[int, ...]:
+    """The descriptors of the workspace locks this process holds. A run hands them to the DVC
+    processes it starts, so the lock outlives the run itself for as long as they do: a flow killed
+    while `dvc repro` runs one of its stages keeps the workspace locked until that stage ends."""
+    return tuple(_HELD)
+
+
+_HELD: dict[int, Path] = {}
 
 
 def _recorded_pid(path: Path) -> str | None:

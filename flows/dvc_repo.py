@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from catmerge.io import atomic_path
 from catmerge.params import ParamsError, load_params
-from catmerge.workspace_lock import HOLDER_ENV
+from catmerge.workspace_lock import HOLDER_ENV, held_lock_fds
 
 DVC = [sys.executable, "-m", "dvc"]
 
@@ -74,7 +75,8 @@ def run_dvc(
     full_env = dict(os.environ, **(env or {}))
     full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
     proc = subprocess.Popen(
-        DVC + args, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, start_new_session=True
+        DVC + args, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, start_new_session=True,
+        pass_fds=held_lock_fds(),  # the workspace stays locked while DVC runs, even if we die
     )
     out: list[bytes] = []
     err: list[bytes] = []
@@ -115,14 +117,26 @@ def stage_failure(stage: str, stdout: str, stderr: str) -> StageFailed:
     return StageFailed(f"{stage}: {message}", permanent=f"[{stage_group(stage)}] error:" in message)
 
 
-def reproduce(stage: str, project: Path, echo: bool = True, timeout_seconds: float | None = None) -> StageOutcome:
-    """`dvc repro --single-item <stage>`: DVC runs it if stale, skips it otherwise."""
+# DVC's refusals while another DVC command holds its repo lock or the paths of a running stage
+DVC_BUSY = ("Unable to acquire lock", "is busy, it is being blocked by")
+
+
+def reproduce(
+    stage: str, project: Path, echo: bool = True, timeout_seconds: float | None = None, busy_wait_seconds: float = 600.0
+) -> StageOutcome:
+    """`dvc repro --single-item <stage>`: DVC runs it if stale, skips it otherwise. While another
+    DVC command holds DVC's locks (a `dvc status`, or a `dvc repro` our workspace lock is about to
+    refuse), it is asked again every few seconds, for up to `busy_wait_seconds`."""
     start = time.perf_counter()
-    # Progress bars are shown to a person even though the stage's output goes through a pipe.
-    # The flow holds the workspace lock (catmerge/workspace_lock.py): its stages go in under it, and
-    # DVC waits out the brief DVC lock of anything else (`dvc status`, a refused `dvc repro`).
+    # The flow holds the workspace lock (catmerge/workspace_lock.py): its stages go in under it.
     env = {"CATMERGE_PROGRESS": "always", HOLDER_ENV: str(os.getpid())}
-    code, stdout, stderr = run_dvc(["repro", "--wait-for-lock", "--single-item", stage], project, echo, env, timeout_seconds)
+    while True:
+        code, stdout, stderr = run_dvc(["repro", "--single-item", stage], project, echo, env, timeout_seconds)
+        busy = code != 0 and any(sign in stdout + stderr for sign in DVC_BUSY)
+        if not busy or time.perf_counter() - start > busy_wait_seconds:
+            break
+        print(f"{stage}: another DVC command holds DVC's lock; asking again in 5 s", file=sys.stderr, flush=True)
+        time.sleep(5)
     if code != 0:
         raise stage_failure(stage, stdout, stderr)
     restored = f"Stage '{stage}' is cached - skipping run" in stdout
@@ -140,19 +154,19 @@ def apply_overrides(project: Path, overrides: list[str]) -> None:
 
     for name, file_overrides in to_path_overrides(overrides).items():
         path = project / name
-        with atomic_path(path) as tmp:
-            edited = tmp.with_name(tmp.name + path.suffix)  # DVC picks the file format by its suffix
-            try:
-                shutil.copyfile(path, edited)
-                dvc_apply_overrides(str(edited), file_overrides)
-                if path.name == "params.yaml":
-                    try:
-                        load_params(edited)
-                    except ParamsError as exc:  # name the real file and the overrides, not the temp copy
-                        raise ParamsError(str(exc).replace(str(edited), f"{path} with {' '.join(file_overrides)}")) from None
-                os.replace(edited, tmp)
-            finally:
-                edited.unlink(missing_ok=True)
+        # edited in a scratch directory under its own name (DVC picks the format by the suffix),
+        # then put in place atomically with its mode kept
+        with tempfile.TemporaryDirectory() as scratch, atomic_path(path) as tmp:
+            edited = Path(scratch) / path.name
+            shutil.copyfile(path, edited)
+            dvc_apply_overrides(str(edited), file_overrides)
+            if path.name == "params.yaml":
+                try:
+                    load_params(edited)
+                except ParamsError as exc:  # name the real file and the overrides, not the temp copy
+                    raise ParamsError(str(exc).replace(str(edited), f"{path} with {' '.join(file_overrides)}")) from None
+            shutil.copyfile(edited, tmp)
+            shutil.copymode(path, tmp)
 
 
 def save_experiment(project: Path, name: str | None) -> str:

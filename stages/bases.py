@@ -11,7 +11,7 @@ Task vectors and features are read one parameter at a time: memory holds a layer
 from catmerge.cli import run_stage
 from catmerge.features import load_features
 from catmerge.io import WeightsFile
-from catmerge.layout import BASES_DIR, checked_pretrained_tower, features_path, task_vector_path
+from catmerge.layout import BASES_DIR, checked_pretrained, features_path, task_vector_path
 from catmerge.merging.cat import compute_removals, write_removals
 from catmerge.params import load_params, resolve_device
 from catmerge.task_vectors import load_task_vector
@@ -19,7 +19,7 @@ from catmerge.task_vectors import load_task_vector
 
 def main() -> None:
     params = load_params()
-    pretrained = WeightsFile(checked_pretrained_tower())
+    pretrained = WeightsFile(checked_pretrained())
     task_vectors = [load_task_vector(pretrained, task_vector_path(task)) for task in params.tasks]
     paths = [features_path(task) for task in params.tasks]
     features = [load_features(path) for path in paths]

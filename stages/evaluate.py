@@ -8,7 +8,7 @@ from catmerge.cli import run_stage
 from catmerge.decomposition import decompose
 from catmerge.evaluation import bar_chart, results_table, summarize
 from catmerge.io import WeightsFile, read_json, write_json, write_text
-from catmerge.layout import DECOMPOSITION, DECOMPOSITION_CAT, METRICS_DIR, SELECTION, checked_expert_dir, merged_path
+from catmerge.layout import DECOMPOSITION, DECOMPOSITION_CAT, METRICS_DIR, SELECTION, checked_expert, merged_path
 from catmerge.params import load_params
 from catmerge.selection import chosen_params
 from catmerge.workspace import Workspace
@@ -23,7 +23,7 @@ def main() -> None:
     for task, score in ws.score(ws.pretrained, "test").items():
         per_task[task]["pretrained"] = score
     for task in tasks:
-        expert = WeightsFile(checked_expert_dir(task) / "expert.safetensors")  # read into the tower a tensor at a time
+        expert = WeightsFile(checked_expert(task))  # read into the tower a tensor at a time
         per_task[task]["expert"] = ws.score(expert, "test", [task])[task]
     for method in methods:
         for task, score in ws.score(WeightsFile(merged_path(method)), "test").items():

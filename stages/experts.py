@@ -15,8 +15,17 @@ import torch
 from catmerge.benchmark.training import TrainingBudget, finetune, seed_everything, task_seed
 from catmerge.cli import check_task_argument, run_stage
 from catmerge.data import read_split
-from catmerge.io import atomic_dir, file_record, load_tensor, load_weights, read_json, save_weights, write_json
-from catmerge.layout import PRETRAINED_TEXT, checked_pretrained_tower, dataset_dir, expert_dir
+from catmerge.io import (
+    atomic_dir,
+    file_record,
+    load_tensor,
+    load_weights,
+    read_json,
+    save_weights,
+    verify_manifest,
+    write_json,
+)
+from catmerge.layout import PRETRAINED_TEXT, PRETRAINED_TOWER, checked_pretrained, dataset_dir, expert_dir
 from catmerge.models import FrozenTextEncoder, create_clip, load_into, zero_shot_head
 from catmerge.params import load_params
 
@@ -36,7 +45,8 @@ def from_open_clip(params, task: str, info: dict) -> None:
     hub = params.hub.experts
     ref, revision = hub.repo.format(task=task), hub.revisions.get(task, hub.revision)
     state, weights_file = open_clip_source.fetch_clip(ref, revision, hub.sha256.get(task), params.hub.allow_pickle)
-    pretrained = load_weights(checked_pretrained_tower())
+    verify_manifest(PRETRAINED_DIR)  # the tower and the text side the head comes from
+    pretrained = load_weights(PRETRAINED_TOWER)
     expert = open_clip_source.image_tower_weights(state, pretrained, f"{ref}/{weights_file.filename}")
     text_file = PRETRAINED_DIR / open_clip_source.TEXT_TOWER
     head = open_clip_source.zero_shot_head(params.model, text_file, info["class_names"], info["templates"], head_cache_dir())
@@ -51,7 +61,8 @@ def from_hub(params, task: str, info: dict) -> None:
     hub = params.hub.experts
     repo, revision = hub.repo.format(task=task), hub.revisions.get(task, hub.revision)
     state, weights_file = fetch_weights(repo, revision, hub.sha256.get(task), params.hub.allow_pickle)
-    pretrained = load_weights(checked_pretrained_tower())
+    verify_manifest(PRETRAINED_DIR)  # the tower and the text side the head comes from
+    pretrained = load_weights(PRETRAINED_TOWER)
     expert = image_tower_weights(state, pretrained, f"{repo}/{weights_file.filename}", projection=pretrained.get(PROJECTION))
     head = zero_shot_head(PRETRAINED_DIR / "text", info["class_names"], info["templates"], head_cache_dir())
     logit_scale = load_tensor(PRETRAINED_DIR / "text" / "text_tower.safetensors", "logit_scale", torch.tensor(4.6052)).exp()
@@ -87,8 +98,8 @@ def builtin(params, task: str, info: dict) -> None:
     generator = seed_everything(task_seed(params.seed, task))
 
     clip = create_clip(params.model)
-    load_into(clip.visual, checked_pretrained_tower())
-    text = load_weights(PRETRAINED_TEXT)
+    load_into(clip.visual, checked_pretrained())
+    text = load_weights(checked_pretrained(PRETRAINED_TEXT.name))
     clip.text.proj.load_state_dict({"weight": text["proj.weight"]})
     logit_scale = float(text["logit_scale"])
     head = zero_shot_head(clip.text.proj, FrozenTextEncoder(clip, params.model), info["class_names"], info["templates"])

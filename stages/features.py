@@ -10,7 +10,7 @@ from catmerge.cli import check_task_argument, run_stage
 from catmerge.data import read_split
 from catmerge.features import capture, exemplar_indices
 from catmerge.io import WeightsFile, save_weights
-from catmerge.layout import checked_pretrained_tower, dataset_dir, features_path, task_vector_path
+from catmerge.layout import checked_pretrained, dataset_dir, features_path, task_vector_path
 from catmerge.models import create_image_tower, resolve_device
 from catmerge.params import ParamsError, load_params
 from catmerge.task_vectors import apply_task_vector, load_task_vector
@@ -25,7 +25,7 @@ def main(task: str) -> None:
     if count > len(train.labels):
         raise ParamsError(f"cat.exemplars = {count}: {train_path} has only {len(train.labels)} images")
     chosen = exemplar_indices(count, len(train.labels), params.data_seed, task)
-    pretrained = WeightsFile(checked_pretrained_tower())  # read a tensor at a time, into the tower
+    pretrained = WeightsFile(checked_pretrained())  # read a tensor at a time, into the tower
     delta = load_task_vector(pretrained, task_vector_path(task))
     tower = create_image_tower(params.model).to(resolve_device(params.device, params.source))
     tensors, pieces, info = capture(tower, apply_task_vector(pretrained, delta, params.cat.feature_alpha), train.images[chosen])

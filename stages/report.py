@@ -3,7 +3,7 @@ from the evaluate, select and bases outputs, with the params and artifact hashes
 
 from catmerge import report
 from catmerge.cli import run_stage
-from catmerge.io import read_json, sha256_file
+from catmerge.io import read_json, sha256_file, verify_manifest
 from catmerge.layout import (
     BASES_DIR,
     DECOMPOSITION,
@@ -31,7 +31,7 @@ def main() -> None:
         report.sensitivity(selection, curves),
         report.decomposition_section(read_json(DECOMPOSITION), read_json(DECOMPOSITION_CAT)),
         report.conflict_section(
-            read_json(BASES_DIR / "diagnostics.json"), params.tasks, read_json(BASES_DIR / "manifest.json")["params"],
+            read_json(BASES_DIR / "diagnostics.json"), params.tasks, verify_manifest(BASES_DIR, only=["diagnostics.json"])["params"],
             selection["methods"]["cat"]["params"],
         )
         if "cat" in params.merge.methods

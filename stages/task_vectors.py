@@ -6,7 +6,7 @@ import torch
 
 from catmerge.cli import check_task_argument, run_stage
 from catmerge.io import LazyWeights, WeightsFile, save_weights
-from catmerge.layout import checked_expert_dir, checked_pretrained_tower, task_vector_path
+from catmerge.layout import checked_expert, checked_pretrained, task_vector_path
 from catmerge.params import load_params
 from catmerge.task_vectors import task_vector
 
@@ -14,8 +14,8 @@ from catmerge.task_vectors import task_vector
 def main(task: str) -> None:
     params = load_params()
     check_task_argument(params, task)
-    pretrained = WeightsFile(checked_pretrained_tower())
-    expert_path = checked_expert_dir(task) / "expert.safetensors"
+    pretrained = WeightsFile(checked_pretrained())
+    expert_path = checked_expert(task)
     delta = task_vector(pretrained, WeightsFile(expert_path), str(expert_path), getattr(torch, params.task_vectors.dtype))
     squares = {"delta": 0.0, "base": 0.0}
 

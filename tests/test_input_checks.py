@@ -13,7 +13,7 @@ from catmerge import cat
 from catmerge.adapters import Piece
 from catmerge.data import read_split, write_split
 from catmerge.evaluation import load_head
-from catmerge.features import load_features
+from catmerge.features import layer_inputs, load_features
 from catmerge.hub_datasets import HubTask, load_split
 from catmerge.io import ArtifactError, LazyWeights, WeightsFile, save_weights
 from catmerge.merging import cat as cat_merge
@@ -135,8 +135,9 @@ def test_read_removals_refuses_nonfinite_basis_and_negative_mask(tmp_path, basis
         cat_merge.read_removals(tmp_path / "bases", ["t"])
 
 
+@pytest.mark.parametrize("from_file", [True, False], ids=["file", "in-memory"])
 @pytest.mark.parametrize(("form", "stored"), [("rows", torch.ones(3, 5)), ("gram", torch.eye(5))])
-def test_features_wider_than_the_weight_input_are_refused(tmp_path, form, stored):
+def test_features_wider_than_the_weight_input_are_refused(tmp_path, form, stored, from_file):
     key = "transformer.resblocks.0.mlp.c_fc"
     pretrained = {f"{key}.weight": torch.zeros(8, 4)}
     g = torch.Generator().manual_seed(0)
@@ -145,6 +146,39 @@ def test_features_wider_than_the_weight_input_are_refused(tmp_path, form, stored
     for path in paths:
         save_weights({f"{key}.{form}": stored.double()}, path, {"adapter": "open_clip_vit"})
     features = [load_features(path) for path in paths]
-    problem = rf": {key}.{form} is \({stored.shape[0]}, 5\), input width 5; the weight {key}.weight has d_in 4$"
+    if not from_file:  # as capture() hands them over in memory
+        features = [(*layer_inputs({f"{key}.{form}": stored.double()}, str(path)), meta) for path, (_, _, meta) in zip(paths, features)]
+    problem = rf": {key}.{form} is \({stored.shape[0]}, 5\); the weight {key}.weight it feeds takes inputs of width 4$"
     with pytest.raises(ArtifactError, match=named(paths[0], problem)):
         cat_merge.compute_removals(pretrained, vectors, features, CatParams(c=1), [str(p) for p in paths])
+
+
+@pytest.mark.parametrize("bad", BAD)
+def test_nonfinite_features_are_refused_naming_file_and_key(tmp_path, bad):
+    path = tmp_path / "mnist.safetensors"
+    rows = torch.ones(3, 4)
+    rows[1, 2] = bad
+    save_weights({"x.rows": rows, "ln.sum_squares": torch.ones(4)}, path, {"adapter": "open_clip_vit"})
+    linear, sums, _ = load_features(path)
+    assert torch.equal(sums["ln"], torch.ones(4, dtype=torch.float64))  # the finite input reads fine
+    with pytest.raises(ArtifactError, match=named(path, r": x.rows contains NaN or Inf$")):
+        linear["x"]
+    with pytest.raises(ArtifactError, match=named(path, r": x.rows contains NaN or Inf$")):
+        layer_inputs({"x.rows": rows}, str(path))
+
+
+@pytest.mark.parametrize(
+    ("expert", "problem"),
+    [
+        ({"a": torch.ones(2, 2), "b": torch.zeros(3), "extra": torch.zeros(1)}, r"keys differ from the pretrained model \(missing \[\], extra \['extra'\]\)"),
+        ({"a": torch.ones(2, 2, dtype=torch.float64), "b": torch.zeros(3)}, r"a is \(2, 2\) torch.float64, pretrained is \(2, 2\) torch.float32"),
+        ({"a": torch.ones(2, 3), "b": torch.zeros(3)}, r"a is \(2, 3\) torch.float32, pretrained is \(2, 2\) torch.float32"),
+    ],
+    ids=["extra-key", "dtype", "shape"],
+)
+def test_expert_that_does_not_fit_the_pretrained_model_is_refused_naming_it(tmp_path, expert, problem):
+    pretrained, path = tmp_path / "image_tower.safetensors", tmp_path / "expert.safetensors"
+    save_weights({"a": torch.ones(2, 2), "b": torch.zeros(3)}, pretrained)
+    save_weights(expert, path)
+    with pytest.raises(ArtifactError, match=named(path, ": " + problem)):
+        task_vector(WeightsFile(pretrained), WeightsFile(path), str(path))

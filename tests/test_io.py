@@ -73,9 +73,10 @@ def _artifact_dir(tmp_path):
         (lambda out: _rewrite_path(out, "../../../etc/passwd"), r"manifest.json: path '../../../etc/passwd' points outside"),
         (lambda out: _rewrite_path(out, "/etc/passwd"), r"manifest.json: path '/etc/passwd' points outside"),
         (lambda out: (out / "manifest.json").write_text('{"files": "all"}'), r"manifest.json: expected a key 'files' listing"),
+        (lambda out: _rewrite_path(out, 7), r"manifest.json: expected a key 'files' listing records with a 'path'"),
         (lambda out: (out / "manifest.json").write_text("{"), r"invalid JSON in .*manifest.json"),
     ],
-    ids=["sha256-mismatch", "listed-file-missing", "path-escapes", "absolute-path", "no-files-list", "corrupt-json"],
+    ids=["sha256-mismatch", "listed-file-missing", "path-escapes", "absolute-path", "no-files-list", "path-not-a-string", "corrupt-json"],
 )
 def test_manifest_checks_name_the_file_and_the_problem(tmp_path, tamper, message):
     from catmerge.io import verify_manifest
@@ -109,6 +110,25 @@ def test_orphaned_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp
     live.write_bytes(b"in progress")
     other = tmp_path / f".v.safetensors.{dead_pid}.abc123.tmp"  # another target's: left to its writer
     other.write_bytes(b"half")
+    odd = tmp_path / ".w.safetensors.99999999999999999999999.x.tmp"  # no pid a process can have: not ours to judge
+    odd.write_bytes(b"?")
     save_weights({"a": torch.ones(2)}, tmp_path / "w.safetensors")
     assert not orphan.exists() and not orphan_dir.exists()
-    assert live.exists() and other.exists()
+    assert live.exists() and other.exists() and odd.exists()
+
+
+def test_manifest_files_checked_out_as_symlinks_into_a_cache_are_accepted_and_still_hashed(tmp_path):
+    """DVC may check outputs out as symlinks into .dvc/cache: the manifest's path is judged as written."""
+    from catmerge.io import verify_manifest
+
+    out = _artifact_dir(tmp_path)
+    cache = tmp_path / "cache" / "ab12"
+    cache.parent.mkdir()
+    (out / "expert.safetensors").rename(cache)
+    (out / "expert.safetensors").symlink_to(cache)
+    assert verify_manifest(out, only=["expert.safetensors"])["files"][0]["path"] == "expert.safetensors"
+    save_weights({"w": torch.zeros(4)}, cache)  # the cached copy changed
+    with pytest.raises(ArtifactError, match="expert.safetensors: sha256 .* does not match"):
+        verify_manifest(out)
+    with pytest.raises(ArtifactError, match=r"manifest.json: does not list head.safetensors"):
+        verify_manifest(out, only=["head.safetensors"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -87,42 +86,24 @@ def compute_removals(pretrained, task_vectors: list, features: list, p, names: l
         for name, (linear, sums, _) in zip(names, features):
             if piece.input is not None and piece.input not in (linear if piece.family == "linear" else sums):
                 raise ArtifactError(f"{name}: no features for {piece.input} (needed by {piece.name})")
-    d_in = {piece.input: (piece.key, _input_width(shapes[piece.key])) for piece in pieces if piece.family == "linear"}
-    inputs = [(_CheckedInputs(linear, d_in, name), sums) for name, (linear, sums, _) in zip(names, features)]
+            if piece.family == "linear":
+                _check_input_width(linear, piece, math.prod(shapes[piece.key][1:]), name)  # a conv: unfolded patches
+    inputs = [(linear, sums) for linear, sums, _ in features]
     removals, terms = cat.model_removals(pieces, task_vectors, inputs, settings(p), device)
     return pieces, removals, {"adapter": adapter.NAME, "params": resolved_params(p)}, terms
 
 
-def _input_width(shape: tuple[int, ...]) -> int:
-    """d_in of a linear piece: its weight as a (d_out, d_in) matrix (a convolution on unfolded patches)."""
-    return math.prod(shape[1:])
-
-
-class _CheckedInputs(Mapping):
-    """A task's linear-layer inputs by name, each checked on access against the input width d_in of
-    the weight it feeds (`d_in`: input name -> (weight key, d_in)); `source` is the features file."""
-
-    def __init__(self, inputs: Mapping, d_in: dict[str, tuple[str, int]], source: str):
-        self._inputs, self._d_in, self._source = inputs, d_in, source
-
-    def __contains__(self, name: object) -> bool:  # Mapping's default would read the inputs
-        return name in self._inputs
-
-    def __getitem__(self, name: str) -> cat.LayerInput:
-        x = self._inputs[name]
-        if name in self._d_in:
-            piece, d_in = self._d_in[name]
-            key, shape = (f"{name}.{ROWS}", x.rows.shape) if x.rows is not None else (f"{name}.{GRAM}", x.gram.shape)
-            if len(shape) != 2 or shape[1] != d_in or (x.rows is None and shape[0] != d_in):
-                width = shape[-1] if len(shape) else None
-                raise ArtifactError(f"{self._source}: {key} is {tuple(shape)}, input width {width}; the weight {piece} has d_in {d_in}")
-        return x
-
-    def __iter__(self):
-        return iter(self._inputs)
-
-    def __len__(self) -> int:
-        return len(self._inputs)
+def _check_input_width(inputs, piece: Piece, d_in: int, source: str) -> None:
+    """Refuse, before any work, a task's rows (n, d) or Gram matrix (d, d) of a width other than
+    the d_in of the weight they feed. A features file answers from its header, without reading."""
+    shape_of = getattr(inputs, "stored_shape", None)
+    if shape_of is not None:
+        key, shape = shape_of(piece.input)
+    else:
+        x = inputs[piece.input]
+        key, shape = (f"{piece.input}.{ROWS}", tuple(x.rows.shape)) if x.rows is not None else (f"{piece.input}.{GRAM}", tuple(x.gram.shape))
+    if len(shape) != 2 or shape[1] != d_in or (key.endswith(GRAM) and shape[0] != d_in):
+        raise ArtifactError(f"{source}: {key} is {shape}; the weight {piece.key} it feeds takes inputs of width {d_in}")
 
 
 def write_removals(
@@ -153,7 +134,7 @@ def write_removals(
                     entry["pairs"] = {tasks[i]: values for i, values in terms[name][k].items()}
                 diagnostics[name][task] = entry
         write_json(diagnostics, out / DIAGNOSTICS)
-        files = [file_record(out / f"{task}.safetensors", out, "bases") for task in tasks]
+        files = [file_record(out / f"{task}.safetensors", out, "bases") for task in tasks] + [file_record(out / DIAGNOSTICS, out, "bases")]
         write_json({**info, "tasks": tasks, "pieces": [p.to_json() for p in pieces], "files": files}, out / MANIFEST)
 
 
