@@ -213,3 +213,23 @@ def test_download_stages_retry_only_failures_a_rerun_can_fix():
     assert _worth_retrying(None, None, Failed(transient)) is True
     assert _worth_retrying(None, None, Failed(crash)) is True
     assert _worth_retrying(None, None, Failed(RuntimeError("killed"))) is True
+
+
+def test_a_stage_waits_out_another_dvc_commands_lock_and_gives_up_after_the_limit(monkeypatch, tmp_path):
+    from flows import dvc_repo
+
+    busy = (1, "", "ERROR: failed to reproduce 'merge': 'data/merged' is busy, it is being blocked by:\n  (PID 42): dvc repro")
+    answers = [busy, busy, (0, "Running stage 'merge':\n", "")]
+    calls = []
+
+    def fake_run_dvc(args, project, echo=True, env=None, timeout=None):
+        calls.append(args)
+        return answers.pop(0)
+
+    monkeypatch.setattr(dvc_repo, "run_dvc", fake_run_dvc)
+    monkeypatch.setattr(dvc_repo.time, "sleep", lambda seconds: None)
+    outcome = dvc_repo.reproduce("merge", tmp_path, echo=False)
+    assert outcome.ran and len(calls) == 3 and calls[0] == ["repro", "--single-item", "merge"]
+    answers[:] = [busy] * 100  # still busy past the limit: DVC's own message, not retried forever
+    with pytest.raises(dvc_repo.StageFailed, match="is busy, it is being blocked by"):
+        dvc_repo.reproduce("merge", tmp_path, echo=False, busy_wait_seconds=0.0)
