@@ -29,7 +29,7 @@ def experts_accuracy(ws: Workspace, split: str = "test") -> dict[str, float]:
     """Each expert on its own task."""
     out = {}
     for task in ws.params.tasks:
-        out.update(ws.score(load_weights(ws.path(layout.expert_dir(task) / "expert.safetensors")), split, [task]))
+        out.update(ws.score(load_weights(layout.checked_expert(task, root=ws.root)), split, [task]))
     return out
 
 

@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -340,11 +340,12 @@ def file_record(path: str | Path, root: str | Path, source: str) -> dict[str, st
 _VERIFIED: set[tuple] = set()
 
 
-def verify_manifest(directory: str | Path, manifest_name: str = "manifest.json", only: Iterable[str] | None = None) -> dict:
+def verify_manifest(directory: str | Path, manifest_name: str = "manifest.json", only: Collection[str] | None = None) -> dict:
     """The manifest of an artifact directory, after checking the files it lists (those in `only`,
     when given): the path stays inside the directory, the file exists and its sha256 is the one
     recorded. A file changed or swapped after its stage wrote it stops the reader here, naming it."""
     directory = Path(directory)
+    only = None if only is None else set(only)
     if not directory.is_dir():
         raise ArtifactError(f"missing directory: {directory}")
     manifest_path = directory / manifest_name

@@ -92,10 +92,23 @@ def run_dvc(
         os.killpg(proc.pid, signal.SIGKILL)  # the stage's own process too, not only dvc
         proc.wait()
         raise StageFailed(f"dvc {' '.join(args)}: timed out after {timeout:.0f} s") from None
+    except BaseException:  # Ctrl-C, a cancelled flow: stop DVC and its stage before the workspace lock is let go
+        _stop(proc)
+        raise
     finally:
         for pump in pumps:
             pump.join()
     return code, b"".join(out).decode(errors="replace"), b"".join(err).decode(errors="replace")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a DVC command we started and its stage: politely, then for good."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def error_message(stage: str, stdout: str, stderr: str) -> str:
@@ -146,27 +159,30 @@ def reproduce(
 
 def apply_overrides(project: Path, overrides: list[str]) -> None:
     """Set params the way `dvc exp run -S` does (same syntax: `[file:]key=value`, Hydra grammar),
-    validating the result before params.yaml is replaced, so a bad override changes nothing."""
+    validating the result before any file is replaced, so a bad override changes nothing."""
     if not overrides:
         return
     from dvc.utils.cli_parse import to_path_overrides
     from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
 
-    for name, file_overrides in to_path_overrides(overrides).items():
-        path = project / name
-        # edited in a scratch directory under its own name (DVC picks the format by the suffix),
-        # then put in place atomically with its mode kept
-        with tempfile.TemporaryDirectory() as scratch, atomic_path(path) as tmp:
-            edited = Path(scratch) / path.name
-            shutil.copyfile(path, edited)
-            dvc_apply_overrides(str(edited), file_overrides)
-            if path.name == "params.yaml":
+    with tempfile.TemporaryDirectory() as scratch:
+        # every file edited and checked first, in a scratch directory under its own name (DVC
+        # picks the format by the suffix): a bad override in any of them changes none
+        edited = {}
+        for name, file_overrides in to_path_overrides(overrides).items():
+            path = (project / name).resolve()  # a symlinked params file keeps its link
+            edited[path] = Path(scratch) / f"{len(edited)}-{path.name}"
+            shutil.copyfile(path, edited[path])
+            dvc_apply_overrides(str(edited[path]), file_overrides)
+            if Path(name).name == "params.yaml":
                 try:
-                    load_params(edited)
+                    load_params(edited[path])
                 except ParamsError as exc:  # name the real file and the overrides, not the temp copy
-                    raise ParamsError(str(exc).replace(str(edited), f"{path} with {' '.join(file_overrides)}")) from None
-            shutil.copyfile(edited, tmp)
-            shutil.copymode(path, tmp)
+                    raise ParamsError(str(exc).replace(str(edited[path]), f"{project / name} with {' '.join(file_overrides)}")) from None
+        for path, new in edited.items():
+            with atomic_path(path) as tmp:
+                shutil.copyfile(new, tmp)
+                shutil.copymode(path, tmp)
 
 
 def save_experiment(project: Path, name: str | None) -> str:

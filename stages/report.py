@@ -27,15 +27,15 @@ def main() -> None:
     selection = read_json(SELECTION)
     curves = {m: c for m, e in selection["methods"].items() if (c := alpha_curve(e))}
     blocks, figures = report.comparison(metrics, selection)
+    conflicts = ([], {})
+    if "cat" in params.merge.methods:
+        bases_params = verify_manifest(BASES_DIR, only=["diagnostics.json"])["params"]  # vouches for what is read next
+        diagnostics = read_json(BASES_DIR / "diagnostics.json")
+        conflicts = report.conflict_section(diagnostics, params.tasks, bases_params, selection["methods"]["cat"]["params"])
     for section in (
         report.sensitivity(selection, curves),
         report.decomposition_section(read_json(DECOMPOSITION), read_json(DECOMPOSITION_CAT)),
-        report.conflict_section(
-            read_json(BASES_DIR / "diagnostics.json"), params.tasks, verify_manifest(BASES_DIR, only=["diagnostics.json"])["params"],
-            selection["methods"]["cat"]["params"],
-        )
-        if "cat" in params.merge.methods
-        else ([], {}),
+        conflicts,
     ):
         blocks += section[0]
         figures.update(section[1])

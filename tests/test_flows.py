@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -76,7 +77,9 @@ def test_alpha_override_reruns_merge_and_evaluate_and_saves_an_experiment(flow_p
     from flows.pipeline import pipeline
 
     project, _ = flow_project
+    os.chmod(project / "params.yaml", 0o640)
     result = pipeline(str(project), overrides=["merge.alpha=0.5"], experiment="alpha-half")
+    assert (project / "params.yaml").stat().st_mode & 0o777 == 0o640  # the override keeps the file's mode
     assert result["ran"] == ["select", "merge", "evaluate", "report"]
     assert "merge:\n  methods:" in (project / "params.yaml").read_text() and "alpha: 0.5" in (project / "params.yaml").read_text()
     experiments = run(DVC + ["exp", "list", "--name-only"], project).stdout.split()
@@ -115,13 +118,6 @@ def test_stage_failure_fails_the_run_with_the_stage_message_and_keeps_artifacts(
     with pytest.raises(Exception, match=r"params.yaml with cat.c=100:\n  cat.c = 100: must be less than 16"):
         pipeline(str(project), overrides=["cat.c=100"])
     assert (project / "params.yaml").read_text() == params_before
-    assert oct((project / "params.yaml").stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # not the temp file's 0600
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def test_a_second_flow_is_refused_while_one_holds_the_workspace(flow_project):
@@ -233,3 +229,52 @@ def test_a_stage_waits_out_another_dvc_commands_lock_and_gives_up_after_the_limi
     answers[:] = [busy] * 100  # still busy past the limit: DVC's own message, not retried forever
     with pytest.raises(dvc_repo.StageFailed, match="is busy, it is being blocked by"):
         dvc_repo.reproduce("merge", tmp_path, echo=False, busy_wait_seconds=0.0)
+
+
+def test_overrides_land_in_every_file_or_in_none(tmp_path):
+    import yaml
+
+    from catmerge.params import ParamsError
+    from conftest import MICRO_PARAMS, write_params
+    from flows.dvc_repo import apply_overrides
+
+    write_params(tmp_path / "real.yaml", MICRO_PARAMS)
+    (tmp_path / "params.yaml").symlink_to(tmp_path / "real.yaml")
+    (tmp_path / "extra.yaml").write_text("x: 1\n")
+    with pytest.raises(ParamsError, match=r"params.yaml with cat.c=-1:\n  cat.c = -1"):
+        apply_overrides(tmp_path, ["extra.yaml:x=2", "cat.c=-1"])
+    assert (tmp_path / "extra.yaml").read_text() == "x: 1\n"  # the good file's override did not land either
+    apply_overrides(tmp_path, ["extra.yaml:x=2", "cat.c=3"])
+    assert yaml.safe_load((tmp_path / "extra.yaml").read_text()) == {"x": 2}
+    assert (tmp_path / "params.yaml").is_symlink()  # the link kept, its target edited
+    assert yaml.safe_load((tmp_path / "real.yaml").read_text())["cat"]["c"] == 3
+
+
+def test_an_interrupted_flow_stops_the_dvc_command_and_its_stage_first(monkeypatch, tmp_path):
+    """Ctrl-C (or a cancelled flow) while DVC runs: the command and its children end before the
+    interrupt goes on, so the workspace lock is never let go while a stage still runs."""
+    import signal
+    import time
+
+    from flows import dvc_repo
+
+    pid_file = tmp_path / "stage.pid"
+    child = f"import os, subprocess, sys, time; open({str(pid_file)!r}, 'w').write(str(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']).pid)); time.sleep(60)"
+    monkeypatch.setattr(dvc_repo, "DVC", [sys.executable, "-c", child])
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 2.0)
+        with pytest.raises(KeyboardInterrupt):
+            dvc_repo.run_dvc([], tmp_path, echo=False)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    stage = Path(f"/proc/{int(pid_file.read_text())}/stat")
+    deadline = time.time() + 5
+    while stage.exists() and stage.read_text().split(") ", 1)[1][0] != "Z" and time.time() < deadline:
+        time.sleep(0.05)
+    assert not stage.exists() or stage.read_text().split(") ", 1)[1][0] == "Z"  # the grandchild ("stage") is gone too
