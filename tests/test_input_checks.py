@@ -101,6 +101,12 @@ def test_loading_in_memory_nonfinite_weights_names_the_key():
 # ---- dataset splits ----------------------------------------------------------------------------
 
 
+def test_missing_split_is_named(tmp_path):
+    with pytest.raises(ArtifactError, match=named(tmp_path / "train.parquet", "$")) as info:
+        read_split(tmp_path / "train.parquet")
+    assert str(info.value).startswith("missing dataset split: ")
+
+
 def test_empty_split_is_refused(tmp_path):
     path = tmp_path / "test.parquet"
     write_split(np.zeros((0, 8, 8, 3), np.uint8), np.zeros(0, np.int64), ["a", "b"], path)

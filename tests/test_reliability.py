@@ -98,12 +98,13 @@ def test_sigkill_under_dvc_is_not_accepted_and_repro_restores_the_same_bytes(pro
     assert hashes(project, "data/merged") == hashes(micro_project, "data/merged")
 
 
-def test_task_vectors_features_bases_and_merged_weights_are_identical_across_processes(project, micro_project):
-    outputs = ["data/task_vectors/mnist.safetensors", "data/features/mnist.safetensors", "data/bases", "data/merged"]
+def test_features_and_merged_weights_are_identical_across_processes(project, micro_project):
+    """Task vectors, bases and metrics are compared the same way by the kill tests' reruns above."""
+    outputs = ["data/features/mnist.safetensors", "data/merged"]
     for output in outputs:
         shutil.rmtree(project / output) if (project / output).is_dir() else (project / output).unlink()
     # another hash seed than the session build's processes: no ordering may depend on it
-    for args in (["task_vectors", "mnist"], ["features", "mnist"], ["bases"], ["merge"]):
+    for args in (["features", "mnist"], ["merge"]):
         stage(project, args, env={"PYTHONHASHSEED": "12345"})
     for output in outputs:
         assert hashes(project, output) == hashes(micro_project, output), output
@@ -127,28 +128,17 @@ def test_an_expert_changed_after_its_stage_wrote_it_is_refused_by_the_next_stage
     assert hashes(project, "data/task_vectors/mnist.safetensors") == before
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"datasets": {"max_train": None, "max_val": 40, "max_test": 100}, "cat.exemplars": 500},
-         "cat.exemplars = 500: data/datasets/mnist/train.parquet has only 200 images"),
-        ("remove data/datasets/mnist/train.parquet", "missing dataset split: data/datasets/mnist/train.parquet"),
-    ],
-    ids=["more-exemplars-than-the-split", "split-missing"],
-)
-def test_the_features_stage_refuses_what_its_split_cannot_give(project, change, message):
+def test_the_features_stage_refuses_more_exemplars_than_the_split_holds(project):
     import yaml
 
-    if isinstance(change, str):
-        (project / change.split()[1]).unlink()
-    else:
-        params = yaml.safe_load((project / "params.yaml").read_text())
-        params["datasets"] = change["datasets"]
-        params["cat"]["exemplars"] = change["cat.exemplars"]
-        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["datasets"]["max_train"] = None  # so the params alone cannot tell; the split can
+    params["cat"]["exemplars"] = 500
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = hashes(project, "data/features/mnist.safetensors")
     proc = stage(project, ["features", "mnist"], check=False)
-    assert proc.returncode == 2 and f"[features] error: {message}" in proc.stderr, proc.stderr
+    assert proc.returncode == 2
+    assert "[features] error: cat.exemplars = 500: data/datasets/mnist/train.parquet has only 200 images" in proc.stderr
     assert hashes(project, "data/features/mnist.safetensors") == before
 
 
