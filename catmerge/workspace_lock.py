@@ -51,7 +51,7 @@ def _try_flock(path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+")  # noqa: SIM115 - held open for as long as the lock is
     except OSError as exc:
-        raise ArtifactError(f"cannot open the workspace lock {path}: {exc.strerror} (the project must be writable)") from None
+        raise ArtifactError(f"cannot open the lock file {path}: {exc.strerror} (the project must be writable)") from None
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -88,7 +88,7 @@ def workspace_lock(root: str | Path = ".", command: str | None = None, check_dvc
             return
         raise WorkspaceBusy(f"workspace busy: {root.resolve()} is in use by {_holder_description(path)}; "
                             f"wait for that run to finish (lock: {path})")
-    _HELD[handle.fileno()] = path
+    _HELD.add(handle.fileno())
     try:
         if check_dvc and (pid := _dvc_is_running(root)) is not None:
             raise WorkspaceBusy(f"workspace busy: a DVC command (pid {pid}) is running in {root.resolve()}; "
@@ -99,7 +99,7 @@ def workspace_lock(root: str | Path = ".", command: str | None = None, check_dvc
         handle.flush()
         yield
     finally:
-        _HELD.pop(handle.fileno(), None)
+        _HELD.discard(handle.fileno())
         handle.seek(0)
         handle.truncate()
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
@@ -113,7 +113,7 @@ def held_lock_fds() -> tuple[int, ...]:
     return tuple(_HELD)
 
 
-_HELD: dict[int, Path] = {}
+_HELD: set[int] = set()
 
 
 def _recorded_pid(path: Path) -> str | None:

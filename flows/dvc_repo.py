@@ -141,7 +141,8 @@ def reproduce(
     DVC command holds DVC's locks (a `dvc status`, or a `dvc repro` our workspace lock is about to
     refuse), it is asked again every few seconds, for up to `busy_wait_seconds`."""
     start = time.perf_counter()
-    # The flow holds the workspace lock (catmerge/workspace_lock.py): its stages go in under it.
+    # Progress bars are shown to a person even though the stage's output goes through a pipe; the
+    # flow holds the workspace lock (catmerge/workspace_lock.py), and its stages go in under it.
     env = {"CATMERGE_PROGRESS": "always", HOLDER_ENV: str(os.getpid())}
     while True:
         code, stdout, stderr = run_dvc(["repro", "--single-item", stage], project, echo, env, timeout_seconds)
