@@ -65,16 +65,20 @@ def capture(tower, weights: dict[str, torch.Tensor], images: torch.Tensor) -> tu
     return tensors, pieces, {"adapter": adapter.NAME, "rows": rows}
 
 
-def load_features(path: str | Path) -> tuple[Mapping[str, LayerInput], Mapping[str, torch.Tensor], dict]:
-    """(linear inputs by name, norm sums of squares by name, metadata) of one task's features file.
-    Each is read from the file when asked for: K tasks' rows for every layer of a large model need
-    not be in memory at once."""
+def load_features(path: str | Path, task: str | None = None) -> tuple[Mapping[str, LayerInput], Mapping[str, torch.Tensor], dict]:
+    """(linear inputs by name, norm sums of squares by name, metadata) of one task's features file
+    (whose metadata must say `task`, when given). Each is read from the file when asked for: K
+    tasks' rows for every layer of a large model need not be in memory at once."""
     weights = WeightsFile(path)
+    if task is not None:
+        weights.check_claims(task=task)
     keys: dict[str, dict[str, str]] = {ROWS: {}, GRAM: {}, SUM_SQUARES: {}}
-    for key in weights:
+    for key, (dtype, _) in weights.specs.items():
         name, _, form = key.rpartition(".")
         if form not in keys:
             raise ArtifactError(f"{path}: unexpected key {key!r} (expected <input>.rows, .gram or .sum_squares)")
+        if not dtype.is_floating_point:
+            raise ArtifactError(f"{path}: {key} is {dtype}, expected floating point")
         keys[form][name] = key
     linear = _StoredInputs(weights, {**keys[ROWS], **keys[GRAM]})
     return linear, _StoredInputs(weights, keys[SUM_SQUARES]), weights.metadata

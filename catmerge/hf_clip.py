@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoints import fetch_checkpoint, fetch_file, holds
-from .hub import HubFile
+from .hub import HubFile, head_cache_dir  # noqa: F401 - head_cache_dir: where the stages find it
 from .io import ArtifactError, StateDict, atomic_path, load_weights, save_weights
 
 SAFETENSORS, PICKLE = "model.safetensors", "pytorch_model.bin"
@@ -132,9 +131,3 @@ def zero_shot_head(text_dir: str | Path, class_names: list[str], templates: list
         save_weights({"weight": head}, cached)
     return head
 
-
-def head_cache_dir() -> Path:
-    """Where zero-shot heads are cached: beside the hub cache."""
-    from huggingface_hub import constants
-
-    return Path(os.environ.get("CATMERGE_HEAD_CACHE", Path(constants.HF_HOME) / "catmerge" / "heads"))

@@ -24,6 +24,14 @@ from .io import ArtifactError, HubUnavailable, sha256_file
 HUB_HOST = "huggingface.co"
 
 
+def head_cache_dir() -> Path:
+    """Where zero-shot heads are cached: beside the hub cache (outside the project: the stage
+    runner allows writes there)."""
+    from huggingface_hub import constants
+
+    return Path(os.environ.get("CATMERGE_HEAD_CACHE", Path(constants.HF_HOME) / "catmerge" / "heads"))
+
+
 @dataclass(frozen=True)
 class HubFile:
     path: Path

@@ -33,6 +33,53 @@ class HubUnavailable(ArtifactError):
     """A download failed in a way that may pass (network, server): worth a retry, unlike the rest."""
 
 
+# Where writes may go, when a caller (the pipeline's stage runner) confines them: the project, and
+# caches it names. None: anywhere (the library used from a notebook).
+_WRITE_ROOTS: tuple[Path, ...] | None = None
+TEMP_DIR = Path(".catmerge/tmp")  # under the first root: outside every DVC-tracked output directory
+
+
+@contextlib.contextmanager
+def confined_writes(project: str | Path, *also: str | Path) -> Iterator[None]:
+    """Every write of this module (atomic_path, atomic_dir and all writers built on them) must land
+    inside `project` or one of `also`, judged on the path as written with `..` collapsed (symlinks
+    the user made inside the project are trusted); temporaries go to `<project>/.catmerge/tmp`,
+    where a DVC checkout of a tracked directory cannot delete them mid-write."""
+    global _WRITE_ROOTS
+    before = _WRITE_ROOTS
+    _WRITE_ROOTS = tuple(Path(os.path.abspath(r)) for r in (project, *also))
+    remove_orphaned_temps(_WRITE_ROOTS[0] / TEMP_DIR)
+    try:
+        yield
+    finally:
+        _WRITE_ROOTS = before
+
+
+def check_write_target(path: str | Path) -> Path:
+    """`path`, once it is known to lie inside the confined roots (when writes are confined)."""
+    path = Path(path)
+    if _WRITE_ROOTS is not None:
+        absolute = Path(os.path.abspath(path))
+        if not any(absolute == root or absolute.is_relative_to(root) for root in _WRITE_ROOTS):
+            raise ArtifactError(f"refusing to write {path}: it resolves to {absolute}, outside the project "
+                                f"{_WRITE_ROOTS[0]}" + (f" and {', '.join(map(str, _WRITE_ROOTS[1:]))}" if _WRITE_ROOTS[1:] else ""))
+    return path
+
+
+def _temp_dir(path: Path) -> Path:
+    """Where the temporary of `path` is made: the project's temp directory when writes are
+    confined and it lies on the same filesystem (a rename cannot cross filesystems), else beside it."""
+    if _WRITE_ROOTS is not None:
+        temp = _WRITE_ROOTS[0] / TEMP_DIR
+        try:
+            temp.mkdir(parents=True, exist_ok=True)
+            if temp.stat().st_dev == path.parent.stat().st_dev:
+                return temp
+        except OSError:
+            pass
+    return path.parent
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -44,14 +91,18 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}."
 
 
-def _remove_orphans(path: Path) -> None:
+def _remove_orphans(path: Path, temp_dir: Path) -> None:
     remove_orphaned_temps(path.parent, path.name)
+    if temp_dir != path.parent:
+        remove_orphaned_temps(temp_dir, path.name)
 
 
 def remove_orphaned_temps(directory: str | Path, target: str | None = None) -> None:
     """Delete the temporaries that writers killed mid-write (SIGKILL skips their cleanup) left in
     `directory` (only those of `target`, when given): those whose writer process is gone. A live
     writer's temporary is never touched. Temp names: `.<target>.<pid>.<random>.tmp`."""
+    if not Path(directory).is_dir():
+        return
     for orphan in Path(directory).glob(f".{glob.escape(target) if target else ''}*.tmp"):
         parts = orphan.name[1 : -len(".tmp")].rsplit(".", 2)
         if len(parts) != 3:
@@ -76,11 +127,13 @@ def _alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`."""
-    path = Path(path)
+    """Yield a temporary path (beside `path`, or in the project's temp directory); on success it is
+    renamed onto `path`."""
+    path = check_write_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    temp_dir = _temp_dir(path)
+    _remove_orphans(path, temp_dir)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=temp_dir)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get the usual mode
@@ -93,16 +146,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; on success it replaces `path` whole."""
-    path = Path(path)
+    """Yield a temporary directory (beside `path`, or in the project's temp directory); on success it
+    replaces `path` whole."""
+    path = check_write_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    temp_dir = _temp_dir(path)
+    _remove_orphans(path, temp_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=temp_dir))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f"{_temp_prefix(path)}old.tmp")  # a temporary too: a kill here leaves an orphan
+            old = temp_dir / f"{_temp_prefix(path)}old.tmp"  # a temporary too: a kill here leaves an orphan
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)
@@ -207,46 +262,120 @@ def specs_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, Spec]:
     return {name: (value.dtype, tuple(value.shape)) for name, value in tensors.items()}
 
 
+# A header larger than this is refused as corrupt (safetensors' own reader has the same limit).
+MAX_HEADER_BYTES = 100_000_000
+
+
+def read_header(path: str | Path) -> tuple[dict[str, Spec], dict[str, tuple[int, int]], dict[str, str], int]:
+    """(specs, byte range of each tensor's data, the file's metadata map, where the data starts) of
+    a safetensors file, from its header alone; anything malformed is an ArtifactError naming it."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"missing weights file: {path}")
+
+    def bad(problem: str) -> ArtifactError:
+        return ArtifactError(f"cannot read safetensors file {path}: {problem}")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise bad(f"{size} bytes, too short for a safetensors header (an empty or truncated file)")
+            length = int.from_bytes(prefix, "little")
+            if length > min(MAX_HEADER_BYTES, size - 8):
+                raise bad(f"the header claims {length} bytes, the file has {size - 8} after its length prefix")
+            header = json.loads(fh.read(length))
+    except OSError as exc:
+        raise bad(exc.strerror or str(exc)) from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad(f"the header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("__metadata__ is not a map of strings")
+    start, data_size = 8 + length, size - 8 - length
+    specs: dict[str, Spec] = {}
+    ranges: dict[str, tuple[int, int]] = {}
+    for name, entry in header.items():
+        try:
+            dtype = _torch_dtype(entry["dtype"])
+            shape = tuple(int(n) for n in entry["shape"])
+            begin, stop = (int(n) for n in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise bad(f"tensor {name!r} has a malformed entry {entry!r}") from exc
+        expected = torch.Size(shape).numel() * dtype.itemsize
+        if min(shape, default=0) < 0 or not 0 <= begin <= stop <= data_size or stop - begin != expected:
+            raise bad(f"tensor {name!r} ({entry['dtype']} {list(shape)}) does not fit its byte range "
+                      f"[{begin}, {stop}) in {data_size} bytes of data")
+        specs[name], ranges[name] = (dtype, shape), (begin, stop)
+    return specs, ranges, metadata, start
+
+
 class WeightsFile(Mapping):
-    """A safetensors file read one tensor per access, each read opening and closing the file.
+    """A safetensors file read one tensor per access. The header is parsed once, here; each read
+    takes that tensor's bytes and nothing else.
 
     A file held open by safe_open is memory-mapped, and every page read stays resident and counts
     toward the process's RSS until it is closed: reading K task vectors that way costs K models.
-    Here only the tensors the caller keeps stay in memory."""
+    Here only the tensors the caller keeps stay in memory; and safe_open would parse the header
+    again for every tensor (minutes for a large model's many tensors)."""
 
     def __init__(self, path: str | Path):
-        from safetensors import SafetensorError, safe_open
-
         self.path = Path(path)
-        if not self.path.is_file():
-            raise ArtifactError(f"missing weights file: {self.path}")
+        self.specs, self._ranges, header, self._start = read_header(self.path)
         try:
-            with safe_open(str(self.path), framework="pt") as fh:
-                self.specs = {k: (_torch_dtype(fh.get_slice(k).get_dtype()), tuple(fh.get_slice(k).get_shape())) for k in fh.keys()}  # noqa: SIM118
-                header = fh.metadata() or {}
-        except (SafetensorError, OSError, ValueError, KeyError) as exc:
-            raise ArtifactError(f"cannot read safetensors file {self.path}: {exc}") from exc
-        self.metadata = json.loads(header.get(METADATA_KEY, "{}"))
+            self.metadata = json.loads(header.get(METADATA_KEY, "{}"))
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{self.path}: its {METADATA_KEY!r} metadata is not JSON ({exc})") from exc
+        if not isinstance(self.metadata, dict):
+            raise ArtifactError(f"{self.path}: its {METADATA_KEY!r} metadata is not a JSON object")
 
     def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
         return name in self.specs
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        from safetensors import SafetensorError, safe_open
+        import torch
 
         if name not in self.specs:
             raise KeyError(name)
+        dtype, shape = self.specs[name]
+        begin, stop = self._ranges[name]
+        if begin == stop:
+            return torch.empty(shape, dtype=dtype)
+        buffer = bytearray(stop - begin)
         try:
-            with safe_open(str(self.path), framework="pt") as fh:
-                return fh.get_tensor(name)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ArtifactError(f"cannot read {name} from {self.path}: {exc}") from exc
+            with open(self.path, "rb") as fh:
+                fh.seek(self._start + begin)
+                got = fh.readinto(buffer)
+        except OSError as exc:
+            raise ArtifactError(f"cannot read {name} from {self.path}: {exc.strerror or exc}") from exc
+        if got != len(buffer):
+            raise ArtifactError(f"cannot read {name} from {self.path}: the file ends early (changed while being read?)")
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
     def __iter__(self):
         return iter(self.specs)
 
     def __len__(self) -> int:
         return len(self.specs)
+
+    def check_claims(self, **claims: object) -> None:
+        """Each `key=value` is what this file's metadata must say (a task vector copied over
+        another task's file still says its own task)."""
+        for key, expected in claims.items():
+            if self.metadata.get(key) != expected:
+                raise ArtifactError(f"{self.path}: its metadata says {key} {self.metadata.get(key)!r}, expected {expected!r}")
+
+    def check_dtypes(self, dtype: torch.dtype, what: str) -> None:
+        """Every tensor is of `dtype` (what the writer recorded, `what` says where that comes from)."""
+        wrong = [(k, d) for k, (d, _) in self.specs.items() if d != dtype]
+        if wrong:
+            raise ArtifactError(f"{self.path}: {wrong[0][0]} is {wrong[0][1]}, but {what} says {dtype} "
+                                f"({len(wrong)} tensor(s) differ; rewritten after its stage wrote it?)")
 
 
 class LazyWeights(Mapping):
@@ -272,12 +401,9 @@ class LazyWeights(Mapping):
         return len(self.specs)
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        header = fh.metadata() or {}
-    return json.loads(header.get(METADATA_KEY, "{}"))
+def read_metadata(path: str | Path) -> dict:
+    """The catmerge metadata of a safetensors file (read from its header only)."""
+    return WeightsFile(path).metadata
 
 
 def load_weights(path: str | Path) -> StateDict:
@@ -295,10 +421,8 @@ def load_weights(path: str | Path) -> StateDict:
 
 def load_tensor(path: str | Path, key: str, default: torch.Tensor | None = None) -> torch.Tensor | None:
     """One tensor of a safetensors file, read without loading the others (`default` if absent)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        return fh.get_tensor(key) if key in fh.keys() else default  # noqa: SIM118 - safe_open has no __contains__
+    weights = WeightsFile(path)
+    return weights.get(key, default)
 
 
 def write_json(obj: Any, path: str | Path) -> None:
@@ -378,3 +502,21 @@ def verify_manifest(directory: str | Path, manifest_name: str = "manifest.json",
     if missing:
         raise ArtifactError(f"{manifest_path}: does not list {', '.join(missing)}")
     return manifest
+
+
+def sidecar_manifest(path: str | Path) -> Path:
+    """The manifest beside a single-file artifact: `<name>.safetensors` -> `<name>.manifest.json`."""
+    path = Path(path)
+    return path.with_name(f"{path.name.removesuffix('.safetensors')}.manifest.json")
+
+
+def write_sidecar_manifest(path: str | Path, source: str, **record: Any) -> None:
+    """Record a single-file artifact's sha256 (and `record`) beside it, for the stages that read it."""
+    path = Path(path)
+    write_json({**record, "files": [file_record(path, path.parent, source)]}, sidecar_manifest(path))
+
+
+def verify_sidecar(path: str | Path) -> dict:
+    """The sidecar manifest of `path`, once it vouches for the file's bytes."""
+    path = Path(path)
+    return verify_manifest(path.parent, sidecar_manifest(path).name, only=[path.name])

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from .io import verify_manifest
+from .io import ArtifactError, read_json, verify_manifest, verify_sidecar
 
 DATA = Path("data")
 PRETRAINED_DIR = DATA / "pretrained"
@@ -23,6 +23,40 @@ def checked_expert(task: str, name: str = "expert.safetensors", root: Path = Pat
     directory's manifest vouches for it."""
     verify_manifest(root / expert_dir(task), only=[name])
     return root / expert_dir(task) / name
+
+
+def checked_split(task: str, split: str, root: Path = Path(".")) -> Path:
+    """data/datasets/<task>/<split>.parquet, once the dataset's manifest vouches for it."""
+    verify_manifest(root / dataset_dir(task), only=[f"{split}.parquet"])
+    return root / dataset_dir(task) / f"{split}.parquet"
+
+
+def checked_dataset_info(task: str, root: Path = Path(".")) -> dict:
+    """data/datasets/<task>/info.json, vouched for by the manifest and saying it is `task`'s."""
+    verify_manifest(root / dataset_dir(task), only=["info.json"])
+    info = read_json(root / dataset_dir(task) / "info.json")
+    if not isinstance(info, dict) or info.get("task") != task or not isinstance(info.get("class_names"), list):
+        raise ArtifactError(f"{root / dataset_dir(task) / 'info.json'}: expected task {task!r} and a list of class_names, "
+                            f"got task {info.get('task') if isinstance(info, dict) else info!r}")
+    return info
+
+
+def checked_task_vector(task: str, root: Path = Path(".")) -> Path:
+    """data/task_vectors/<task>.safetensors, once its manifest vouches for it."""
+    verify_sidecar(root / task_vector_path(task))
+    return root / task_vector_path(task)
+
+
+def checked_features(task: str, root: Path = Path(".")) -> Path:
+    """data/features/<task>.safetensors, once its manifest vouches for it."""
+    verify_sidecar(root / features_path(task))
+    return root / features_path(task)
+
+
+def checked_merged(method: str, root: Path = Path(".")) -> Path:
+    """data/merged/<method>.safetensors, once data/merged/manifest.json vouches for it."""
+    verify_manifest(root / MERGED_DIR, only=[merged_path(method).name])
+    return root / merged_path(method)
 
 
 def dataset_dir(task: str) -> Path:

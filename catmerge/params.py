@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from itertools import product
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +14,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .benchmark.tasks import TASKS
 from .configs import is_known, our_configs
 from .merging import METHOD_NAMES
+
+# A name that becomes a file or directory name (a task, a method): letters, digits, `_`, `-` and
+# inner dots; no separator, no leading dot, so never `..`, a hidden file or an absolute path.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def check_plain_name(name: object, where: str) -> str:
+    """`name` if it is a plain name (PLAIN_NAME), else a ValueError naming `where`."""
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
+        raise ValueError(f"{where}: {name!r} is not a plain name (letters, digits, '_', '-', '.'; "
+                         f"starting with a letter or digit; no '/'): it becomes a file name")
+    return name
+
+
+def check_relative_pattern(pattern: object, where: str) -> str:
+    """A path (or glob) inside a repository: relative, no `..` component, no backslash."""
+    parts = str(pattern).replace("\\", "/").split("/")
+    if not isinstance(pattern, str) or not pattern or pattern.startswith(("/", "~")) or "\\" in pattern or ".." in parts:
+        raise ValueError(f"{where}: {pattern!r} must be a relative path inside the repository (no leading '/' or '~', no '..')")
+    return pattern
 
 
 def _known_and_unique(names: list[str], known: list[str], kind: str) -> list[str]:
@@ -26,7 +47,9 @@ def _known_and_unique(names: list[str], known: list[str], kind: str) -> list[str
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `true` is not 1 and "40" is not 40; no NaN or Inf anywhere (an alpha of inf would
+    # only fail later, inside a tensor, naming a weight instead of the param)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class DatasetParams(Strict):
@@ -124,11 +147,16 @@ class HubExperts(Strict):
     revisions: dict[str, str] = Field(default={}, description="per-task revision, overriding `revision`")
     sha256: dict[str, str] = Field(default={}, description="per-task pin of the expert weights file")
 
+    @field_validator("revisions", "sha256")
+    @classmethod
+    def _plain_task_names(cls, by_task: dict[str, str], info) -> dict[str, str]:
+        for task in by_task:
+            check_plain_name(task, f"hub.experts.{info.field_name} key")
+        return by_task
+
     @field_validator("sha256")
     @classmethod
     def _hex(cls, pins: dict[str, str]) -> dict[str, str]:
-        import re
-
         bad = {t: v for t, v in pins.items() if not re.fullmatch(SHA256, v)}
         if bad:
             raise ValueError(f"not 64 hex digits: {bad}")
@@ -150,14 +178,24 @@ class HubParams(Strict):
         from .hub_datasets import HUB_TASK_FIELDS
 
         for task, fields in overrides.items():
+            check_plain_name(task, "hub.datasets key (a task name)")
             unknown = sorted(set(fields) - set(HUB_TASK_FIELDS))
             if unknown:
                 raise ValueError(f"{task}: unknown field(s) {unknown}; allowed: {', '.join(HUB_TASK_FIELDS)}")
+            if "files" in fields:
+                check_relative_pattern(fields["files"], f"hub.datasets.{task}.files")
         return overrides
 
 
 class EvaluateParams(Strict):
     batch_size: int = Field(default=512, ge=1)
+
+
+class SelectLimits(Strict):
+    """What stage `select` may take on: a grid past `max_candidates` (over all methods, cached ones
+    included) is refused before any work; the cost of a large one is estimated and printed first."""
+
+    max_candidates: int = Field(default=1000, ge=1, description="most grid points `select` scores in one run")
 
 
 class Params(Strict):
@@ -185,6 +223,14 @@ class Params(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Candidate grids chosen on validation by stage `select`: {method: {param: [values]}}.
     select: dict[str, dict[str, list[Any]]] = {}
+    select_limits: SelectLimits = SelectLimits()
+
+    @field_validator("tasks")
+    @classmethod
+    def _plain_tasks(cls, tasks: list[str]) -> list[str]:
+        for task in tasks:
+            check_plain_name(task, "tasks entry")
+        return tasks
 
     @model_validator(mode="after")
     def _tasks_and_model_fit_the_source(self) -> Params:
@@ -260,6 +306,7 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _valid_grids(self) -> Params:
+        total = 0
         for method, grid in self.select.items():
             where = f"select.{method}"
             if method not in METHOD_NAMES:
@@ -278,6 +325,12 @@ class Params(Strict):
                         with_params(base, {key: value})
                     except ValidationError as exc:
                         raise ValueError(f"{where}.{key} = {value!r}: {exc.errors()[0]['msg']}") from None
+            if method in self.merge.methods:
+                total += len(candidates(self, method))
+        if total > self.select_limits.max_candidates:
+            sizes = ", ".join(f"{m} {len(candidates(self, m))}" for m in self.select if m in self.merge.methods)
+            raise ValueError(f"select: {total} candidates ({sizes}) is more than select_limits.max_candidates = "
+                             f"{self.select_limits.max_candidates}; shrink the grids or raise the limit")
         return self
 
 
@@ -317,7 +370,16 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"missing params file: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:  # one line: where it broke, not a parser traceback
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ParamsError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParamsError(f"cannot read params file {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of params at the top level, got {type(raw).__name__}")
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
@@ -327,7 +389,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
                 lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
                 continue
             key = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {key} = {err.get('input')!r}: {err['msg']}")
+            lines.append(f"  {key} = {err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}")
         raise ParamsError("\n".join(lines)) from None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,34 +66,96 @@ def code_digest(method: str) -> str:
 
 def _cache_path(cache_dir: Path, method: str, full_params: dict, digest: str, code: str) -> Path:
     # the method list is not a hyperparameter: adding a method must not invalidate Task Arithmetic
-    key_params = {k: v for k, v in full_params.items() if k != "methods"}
-    key = json.dumps({"method": method, "params": key_params, "inputs": digest, "code": code}, sort_keys=True)
+    key = json.dumps({"method": method, "params": _key_params(full_params), "inputs": digest, "code": code}, sort_keys=True)
     return cache_dir / f"{method}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def _key_params(full_params: dict) -> dict:
+    return {k: v for k, v in full_params.items() if k != "methods"}
+
+
+def _entry_checksum(entry: dict) -> str:
+    body = {k: v for k, v in entry.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def cache_entry(method: str, full_params: dict, digest: str, code: str, tasks: list[str], scores: dict, seconds: float) -> dict:
+    """What a cache file holds: the key's parts in full, the scores, and a checksum of it all."""
+    entry = {"method": method, "params": _key_params(full_params), "inputs_sha256": digest, "code_sha256": code,
+             "tasks": list(tasks), "scores": scores, "seconds": round(seconds, 3)}
+    return {**entry, "sha256": _entry_checksum(entry)}
+
+
+def cached_scores(path: Path, method: str, full_params: dict, digest: str, code: str, tasks: list[str]) -> tuple[dict | None, str]:
+    """(the scores of a cache file, "") when it is whole and was made for exactly this candidate,
+    inputs, code and task set; else (None, why not). Nothing in the cache is trusted unchecked."""
+    if not path.is_file():
+        return None, ""
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"unreadable ({exc.__class__.__name__}: {exc})"
+    if not isinstance(entry, dict):
+        return None, "not a JSON object"
+    if entry.get("sha256") != _entry_checksum(entry):
+        return None, "its checksum does not match its content (edited or damaged)"
+    expected = {"method": method, "params": _key_params(full_params), "inputs_sha256": digest, "code_sha256": code, "tasks": list(tasks)}
+    differ = [key for key, value in expected.items() if entry.get(key) != value]
+    if differ:
+        return None, f"recorded {', '.join(differ)} differ from this run's"
+    scores = entry.get("scores")
+    if (not isinstance(scores, dict) or list(scores) != list(tasks)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 100 for v in scores.values())):
+        return None, "its scores are not one accuracy in [0, 100] per task"
+    return scores, ""
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 def select(ws: Workspace, cache_dir: str | Path, log=print) -> dict:
     """{method: grid, candidates with their validation scores, chosen point and full params}."""
     cache_dir = Path(cache_dir)
+    ws.check_inputs({}, SPLIT)  # the files the digest covers: manifests first, so a bad one is named
     digest = inputs_digest(ws)
+    tasks = ws.params.tasks
     out = {"split": SPLIT, "inputs_sha256": digest, "methods": {}}
-    evaluated = cached = 0
+    # every candidate's cache file is looked at first: the cost of the rest is said before any work
+    plan = []
     for method in ws.params.merge.methods:
         base = method_params(ws.params, method)
         code = code_digest(method)
-        rows = []
         for point in candidates(ws.params, method):
             chosen_params = with_params(base, point) if base is not None else None
             full = chosen_params.model_dump(by_alias=True) if chosen_params is not None else {}
             path = _cache_path(cache_dir, method, full, digest, code)
-            if path.is_file():
-                scores = read_json(path)["scores"]
-                cached += 1
-            else:
-                scores = ws.score(ws.merged(method, chosen_params), SPLIT)
-                write_json({"method": method, "params": full, "inputs_sha256": digest, "scores": scores}, path)
-                evaluated += 1
-            rows.append({"point": point, "params": full, "scores": scores, "average": statistics.mean(scores.values())})
-            log(f"{method} {point or '(fixed params)'}: {SPLIT} average {rows[-1]['average']:.2f}")
+            scores, problem = cached_scores(path, method, full, digest, code, tasks)
+            if problem:
+                log(f"select cache: {path} {problem}; recomputing it")
+            plan.append((method, point, chosen_params, full, code, path, scores))
+    to_score = sum(scores is None for *_, scores in plan)
+    log(f"select: {len(plan)} candidates, {len(plan) - to_score} from the cache, {to_score} to score on {SPLIT}")
+    if any(method == "cat" and scores is None for method, *_, scores in plan):  # CAT's bases, before any scoring
+        ws.check_inputs({"cat": next(p for m, _, p, *_, sc in plan if m == "cat" and sc is None)}, SPLIT)
+    evaluated = 0
+    rows_by_method: dict[str, list] = {m: [] for m in ws.params.merge.methods}
+    for method, point, chosen_params, full, code, path, scores in plan:
+        if scores is None:
+            start = time.perf_counter()
+            scores = ws.score(ws.merged(method, chosen_params), SPLIT)
+            seconds = time.perf_counter() - start
+            write_json(cache_entry(method, full, digest, code, tasks, scores, seconds), path)
+            evaluated += 1
+            if evaluated == 1 and to_score > 1:
+                log(f"select: {seconds:.1f} s for the first candidate; about {_duration(seconds * (to_score - 1))} "
+                    f"for the other {to_score - 1}")
+        rows = rows_by_method[method]
+        rows.append({"point": point, "params": full, "scores": scores, "average": statistics.mean(scores.values())})
+        log(f"{method} {point or '(fixed params)'}: {SPLIT} average {rows[-1]['average']:.2f}")
+    for method, rows in rows_by_method.items():
         best = max(range(len(rows)), key=lambda j: (rows[j]["average"], -j))
         grid = ws.params.select.get(method, {})
         chosen = rows[best]["point"]
@@ -105,12 +168,40 @@ def select(ws: Workspace, cache_dir: str | Path, log=print) -> dict:
             "average": rows[best]["average"],
             "candidates": rows,
         }
-    log(f"select: {evaluated} candidates evaluated, {cached} from the cache")
+    log(f"select: {evaluated} candidates evaluated, {len(plan) - evaluated} from the cache")
     return out
 
 
 def _numeric(values: list) -> bool:
     return len(values) > 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def read_selection(params, path: str | Path = layout.SELECTION) -> dict:
+    """metrics/selection.json, checked to be `select`'s choice for these params: every method of
+    `merge.methods` chosen, on the grid params.yaml has now, with values its params block accepts."""
+    path = Path(path)
+    rerun = "run stage select first (dvc repro select)"
+    if not path.is_file():
+        raise ArtifactError(f"missing {path} (written by stage select): {rerun}")
+    selection = read_json(path)
+    methods = selection.get("methods") if isinstance(selection, dict) else None
+    if not isinstance(methods, dict):
+        raise ArtifactError(f"{path}: expected a key 'methods' mapping each method to its choice; {rerun}")
+    for method in params.merge.methods:
+        entry = methods.get(method)
+        if not isinstance(entry, dict) or not isinstance(entry.get("chosen"), dict):
+            raise ArtifactError(f"{path}: no choice for {method}; {rerun}")
+        grid = params.select.get(method, {})
+        if entry.get("grid") != grid:
+            raise ArtifactError(f"{path}: chosen on the grid {entry.get('grid')} for {method}, params.yaml has {grid} now; {rerun}")
+        base = method_params(params, method)
+        if base is not None:
+            try:
+                with_params(base, entry["chosen"])
+            except ValueError as exc:  # pydantic's ValidationError is a ValueError
+                raise ArtifactError(f"{path}: the choice {entry['chosen']} for {method} is not valid: "
+                                    f"{str(exc).splitlines()[-1].strip()}; {rerun}") from None
+    return selection
 
 
 def chosen_params(params, selection: dict, method: str):

@@ -78,10 +78,18 @@ def _finite(value: torch.Tensor, name: str, key: str) -> torch.Tensor:
     return value
 
 
-def load_task_vector(pretrained: Weights, path) -> WeightsFile:
-    """A task vector file, checked against theta_0 (keys, shapes, float dtypes) from its header;
-    read one tensor at a time. Errors name the file."""
+def load_task_vector(pretrained: Weights, path, task: str | None = None) -> WeightsFile:
+    """A task vector file, checked against theta_0 (keys, shapes, float dtypes) and against its own
+    metadata (`task` when given; every tensor of the dtype it records) from its header; read one
+    tensor at a time. Errors name the file."""
     delta = WeightsFile(path)
+    if task is not None:
+        delta.check_claims(task=task)
+    recorded = delta.metadata.get("dtype")
+    if recorded is not None:
+        if not isinstance(recorded, str) or not isinstance(getattr(torch, recorded, None), torch.dtype):
+            raise ArtifactError(f"{path}: its metadata records dtype {recorded!r}, not a torch dtype")
+        delta.check_dtypes(getattr(torch, recorded), "its metadata")
     check_task_vector(pretrained, delta, str(path))
     return delta
 

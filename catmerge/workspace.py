@@ -6,6 +6,7 @@ Splits are read only when asked for, so a stage that never asks for "test" never
 
 from __future__ import annotations
 
+import json
 from functools import cached_property
 from pathlib import Path
 
@@ -40,11 +41,11 @@ class Workspace:
     def task_vectors(self) -> list[WeightsFile]:
         from .task_vectors import load_task_vector
 
-        return [load_task_vector(self.pretrained, self.path(layout.task_vector_path(t))) for t in self.params.tasks]
+        return [load_task_vector(self.pretrained, layout.checked_task_vector(t, self.root), t) for t in self.params.tasks]
 
     @cached_property
     def features(self) -> list:
-        return [load_features(self.path(layout.features_path(t))) for t in self.params.tasks]
+        return [load_features(layout.checked_features(t, self.root), t) for t in self.params.tasks]
 
     def removals(self, cat_params) -> tuple:
         """CAT's (pieces, removals): the bases stage's when it used these bases params, else computed
@@ -74,6 +75,32 @@ class Workspace:
         names = [str(self.path(layout.features_path(t))) for t in self.params.tasks]
         return pieces, [linear for linear, _, _ in self.features], names
 
+    def check_inputs(self, chosen: dict, split: str | None = None) -> None:
+        """Every input the merges of `chosen` ({method: its params, or None for "any"}) and scoring
+        on `split` read, checked before any work (headers and metadata, sha256s against their
+        manifests, then CAT's bases for its params), so a bad file stops the stage before it has
+        spent time or replaced an output."""
+        self.task_vectors  # noqa: B018 - cached properties: each checks as it loads
+        self.features  # noqa: B018
+        if split is not None:
+            self.heads  # noqa: B018
+            for task in self.params.tasks:
+                layout.checked_split(task, split, self.root)
+        if chosen.get("cat") is not None:
+            self.removals(chosen["cat"])
+
+    def checked_merged(self, method: str, method_params) -> WeightsFile:
+        """data/merged/<method>.safetensors, vouched for by its manifest, and saying (in its
+        metadata) that it is `method` with `method_params` over this run's tasks."""
+        from .task_vectors import check_compatible
+
+        path = layout.checked_merged(method, self.root)
+        merged = WeightsFile(path)
+        recorded = method_params.model_dump(by_alias=True) if method_params is not None else {}
+        merged.check_claims(method=method, tasks=",".join(self.params.tasks), params=json.dumps(recorded, sort_keys=True))
+        check_compatible(self.pretrained, merged, str(path))
+        return merged
+
     def merged(self, method: str, method_params, keep_vector: bool = True) -> Weights:
         """The merged image tower of `method` with `method_params` (that method's params block),
         computed one tensor at a time as it is read (the inputs are files read lazily).
@@ -99,7 +126,7 @@ class Workspace:
 
     def split(self, task: str, name: str):
         if (task, name) not in self._splits:
-            self._splits[task, name] = read_split(self.path(layout.dataset_dir(task) / f"{name}.parquet"))
+            self._splits[task, name] = read_split(layout.checked_split(task, name, self.root))
         return self._splits[task, name]
 
     @cached_property
@@ -108,7 +135,7 @@ class Workspace:
         from .evaluation import load_head
 
         width = model_config(self.params.model)["embed_dim"]  # the tower's embedding width
-        classes = {t: len(read_json(self.path(layout.dataset_dir(t) / "info.json"))["class_names"]) for t in self.params.tasks}
+        classes = {t: len(layout.checked_dataset_info(t, self.root)["class_names"]) for t in self.params.tasks}
         return {t: load_head(layout.checked_expert(t, "head.safetensors", self.root), classes[t], width) for t in self.params.tasks}
 
     @cached_property

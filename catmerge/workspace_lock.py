@@ -42,7 +42,39 @@ def _holder_description(path: Path) -> str:
     if not holder:
         return "another process"
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
-    return f"pid {holder.get('pid')} ({holder.get('command', '?')}, since {since})"
+    described = f"pid {holder.get('pid')} ({holder.get('command', '?')}, since {since})"
+    pid = str(holder.get("pid", ""))
+    if pid.isdigit() and not _alive(int(pid)):  # a killed flow: the DVC command it started holds the lock now
+        openers = _live_openers(path)
+        still = ", ".join(openers) if openers else "a process it started"
+        return f"{still}, which a run that has since exited started ({described}); it ends when that command does"
+    return described
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _live_openers(path: Path) -> list[str]:
+    """'pid N (command)' of each other live process holding `path` open (Linux /proc): who keeps a
+    lock whose recorded holder is gone."""
+    target, found = str(path.resolve()), []
+    for proc in sorted(Path("/proc").glob("[0-9]*"), key=lambda p: int(p.name)):
+        if proc.name == str(os.getpid()):
+            continue
+        try:
+            if any(os.readlink(fd) == target for fd in (proc / "fd").iterdir()):
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                found.append(f"pid {proc.name} ({command[:100]})")
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return found
 
 
 def _try_flock(path: Path):
@@ -100,6 +132,42 @@ def workspace_lock(root: str | Path = ".", command: str | None = None, check_dvc
         yield
     finally:
         _HELD.discard(handle.fileno())
+        handle.seek(0)
+        handle.truncate()
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        handle.close()
+
+
+@contextlib.contextmanager
+def dvc_lock_while_running(root: str | Path = ".", wait_seconds: float = 10.0, log=None) -> Iterator[bool]:
+    """Hold DVC's repo lock (`.dvc/tmp/lock`) while a stage runs; yields whether it is held.
+
+    DVC lets its lock go while a stage's command runs (so that the command may call DVC), which
+    leaves the workspace open to a second DVC command: a `dvc exp run -S` would rewrite params.yaml
+    and force a checkout of every tracked directory under the running stage. Held by the stage,
+    the lock makes DVC refuse such a command at its first step, before it touches anything. The
+    stage calls no DVC command itself. Another DVC command already holding it (a `dvc status`)
+    is waited for up to `wait_seconds`; then the stage runs without it."""
+    root = Path(root)
+    if not (root / ".dvc").is_dir():
+        yield False
+        return
+    path = root / DVC_LOCK_FILE
+    deadline = time.monotonic() + wait_seconds
+    while (handle := _try_flock(path)) is None:
+        if time.monotonic() > deadline:
+            if log is not None:
+                log(f"another DVC command (pid {_dvc_is_running(root)}) holds DVC's lock; running without it")
+            yield False
+            return
+        time.sleep(0.2)
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f" {os.getpid()}\n")  # what DVC's own lock holder writes there
+        handle.flush()
+        yield True
+    finally:
         handle.seek(0)
         handle.truncate()
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

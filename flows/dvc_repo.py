@@ -6,6 +6,7 @@ whether to run, it asks `dvc repro --single-item` and reports what DVC did.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from catmerge.cli import PARAMS_CHANGED, PARAMS_DIGEST_ENV, params_digests
 from catmerge.io import atomic_path
 from catmerge.params import ParamsError, load_params
 from catmerge.workspace_lock import HOLDER_ENV, held_lock_fds
@@ -130,21 +132,56 @@ def stage_failure(stage: str, stdout: str, stderr: str) -> StageFailed:
     return StageFailed(f"{stage}: {message}", permanent=f"[{stage_group(stage)}] error:" in message)
 
 
-# DVC's refusals while another DVC command holds its repo lock or the paths of a running stage
-DVC_BUSY = ("Unable to acquire lock", "is busy, it is being blocked by")
+# DVC's refusals while another DVC command holds its repo lock or the paths of a running stage;
+# and a stage's, when such a command rewrote params.yaml in a gap between two of our stages
+DVC_BUSY = ("Unable to acquire lock", "is busy, it is being blocked by", PARAMS_CHANGED)
+
+
+def params_snapshot(project: Path, overrides: list[str]) -> dict[str, str]:
+    """The params files a run depends on (params.yaml and every file it overrides), as text."""
+    names = {"params.yaml"}
+    if overrides:
+        from dvc.utils.cli_parse import to_path_overrides
+
+        names |= set(to_path_overrides(overrides))
+    return {name: (project / name).read_text() for name in sorted(names) if (project / name).is_file()}
+
+
+def restore_params(project: Path, snapshot: dict[str, str]) -> list[str]:
+    """Put back every params file of `snapshot` that another command changed; returns their names.
+    A `dvc exp run -S` that got in between two stages of a run must not leave params.yaml with a
+    mix of its overrides and the run's."""
+    restored = []
+    for name, text in snapshot.items():
+        path = project / name
+        if not path.is_file() or path.read_text() != text:
+            with atomic_path(path.resolve() if path.is_symlink() else path) as tmp:
+                tmp.write_text(text)
+                if path.exists():
+                    shutil.copymode(path, tmp)
+            restored.append(name)
+    if restored:
+        print(f"{', '.join(restored)} {PARAMS_CHANGED}; put back as this run set it", file=sys.stderr, flush=True)
+    return restored
 
 
 def reproduce(
-    stage: str, project: Path, echo: bool = True, timeout_seconds: float | None = None, busy_wait_seconds: float = 600.0
+    stage: str, project: Path, echo: bool = True, timeout_seconds: float | None = None, busy_wait_seconds: float = 600.0,
+    snapshot: dict[str, str] | None = None,
 ) -> StageOutcome:
     """`dvc repro --single-item <stage>`: DVC runs it if stale, skips it otherwise. While another
     DVC command holds DVC's locks (a `dvc status`, or a `dvc repro` our workspace lock is about to
-    refuse), it is asked again every few seconds, for up to `busy_wait_seconds`."""
+    refuse), it is asked again every few seconds, for up to `busy_wait_seconds`. With `snapshot`
+    (the run's params files), each attempt first puts back any of them another command changed,
+    and the stage checks that they are still so when it starts."""
     start = time.perf_counter()
     # Progress bars are shown to a person even though the stage's output goes through a pipe; the
     # flow holds the workspace lock (catmerge/workspace_lock.py), and its stages go in under it.
     env = {"CATMERGE_PROGRESS": "always", HOLDER_ENV: str(os.getpid())}
     while True:
+        if snapshot:
+            restore_params(project, snapshot)
+            env[PARAMS_DIGEST_ENV] = json.dumps(params_digests(project, list(snapshot)))
         code, stdout, stderr = run_dvc(["repro", "--single-item", stage], project, echo, env, timeout_seconds)
         busy = code != 0 and any(sign in stdout + stderr for sign in DVC_BUSY)
         if not busy or time.perf_counter() - start > busy_wait_seconds:

@@ -32,7 +32,9 @@ from catmerge.workspace_lock import workspace_lock
 from flows.dvc_repo import (
     StageFailed,
     apply_overrides,
+    params_snapshot,
     reproduce,
+    restore_params,
     run_dvc,
     save_experiment,
     stage_group,
@@ -45,10 +47,10 @@ RESULTS_TABLE = Path("metrics/results.md")
 
 
 @task(task_run_name="{stage}")
-def reproduce_stage(stage: str, project: str, timeout_seconds: float | None = None) -> dict:
+def reproduce_stage(stage: str, project: str, timeout_seconds: float | None = None, snapshot: dict[str, str] | None = None) -> dict:
     logger = get_run_logger()
     logger.info("%s: start", stage)
-    outcome = reproduce(stage, Path(project), timeout_seconds=timeout_seconds)
+    outcome = reproduce(stage, Path(project), timeout_seconds=timeout_seconds, snapshot=snapshot)
     what = "restored from DVC's run cache" if outcome.restored else "ran" if outcome.ran else "skipped, up to date"
     logger.info("%s: %s in %.1fs", stage, what, outcome.seconds)
     return asdict(outcome)
@@ -98,10 +100,13 @@ def pipeline(
     # interleaving its stages (or its params.yaml overrides) with ours
     with workspace_lock(root, command=f"flow catmerge-pipeline (pid {os.getpid()})", check_dvc=True):
         apply_overrides(root, overrides or [])
+        # params as this run set them: put back before each stage if another command changed them
+        snapshot = params_snapshot(root, overrides or [])
         outcomes = []
         for stage in stage_order(root):
             runner, timeout = stage_task(stage, download_retries, download_timeout_seconds)
-            outcomes.append(runner(stage, str(root), timeout))
+            outcomes.append(runner(stage, str(root), timeout, snapshot))
+        restore_params(root, snapshot)
         saved = save_experiment(root, experiment) if overrides else None
         metrics = json.loads((root / METRICS).read_text()) if (root / METRICS).is_file() else None
     ran = [o["stage"] for o in outcomes if o["ran"]]

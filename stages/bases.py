@@ -11,7 +11,7 @@ Task vectors and features are read one parameter at a time: memory holds a layer
 from catmerge.cli import run_stage
 from catmerge.features import load_features
 from catmerge.io import WeightsFile
-from catmerge.layout import BASES_DIR, checked_pretrained, features_path, task_vector_path
+from catmerge.layout import BASES_DIR, checked_features, checked_pretrained, checked_task_vector
 from catmerge.merging.cat import compute_removals, write_removals
 from catmerge.params import load_params, resolve_device
 from catmerge.task_vectors import load_task_vector
@@ -20,9 +20,9 @@ from catmerge.task_vectors import load_task_vector
 def main() -> None:
     params = load_params()
     pretrained = WeightsFile(checked_pretrained())
-    task_vectors = [load_task_vector(pretrained, task_vector_path(task)) for task in params.tasks]
-    paths = [features_path(task) for task in params.tasks]
-    features = [load_features(path) for path in paths]
+    task_vectors = [load_task_vector(pretrained, checked_task_vector(task), task) for task in params.tasks]
+    paths = [checked_features(task) for task in params.tasks]
+    features = [load_features(path, task) for path, task in zip(paths, params.tasks)]
     device = resolve_device(params.device, params.source).type
     pieces, removals, info, terms = compute_removals(pretrained, task_vectors, features, params.cat, [str(p) for p in paths], device)
     write_removals(BASES_DIR, params.tasks, pieces, removals, info, terms)

@@ -9,7 +9,7 @@ import numpy as np
 
 from catmerge.cli import check_task_argument, run_stage
 from catmerge.data import SPLITS, write_split
-from catmerge.io import atomic_dir, write_json
+from catmerge.io import atomic_dir, file_record, write_json
 from catmerge.layout import dataset_dir
 from catmerge.params import load_params
 
@@ -66,6 +66,8 @@ def main(task: str) -> None:
             counts[split] = len(keep)
         head = {"task": task, "description": info.pop("description"), "source": params.source}
         write_json({**head, **info, "counts": counts, "data_seed": params.data_seed}, out / "info.json")
+        written = [out / f"{split}.parquet" for split in SPLITS] + [out / "info.json"]
+        write_json({"task": task, "files": [file_record(p, out, f"datasets:{params.source}") for p in written]}, out / "manifest.json")
     print(f"{task}: {counts}")
 
 

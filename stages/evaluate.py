@@ -7,10 +7,10 @@ from catmerge import cat
 from catmerge.cli import run_stage
 from catmerge.decomposition import decompose
 from catmerge.evaluation import bar_chart, results_table, summarize
-from catmerge.io import WeightsFile, read_json, write_json, write_text
-from catmerge.layout import DECOMPOSITION, DECOMPOSITION_CAT, METRICS_DIR, SELECTION, checked_expert, merged_path
+from catmerge.io import WeightsFile, write_json, write_text
+from catmerge.layout import DECOMPOSITION, DECOMPOSITION_CAT, METRICS_DIR, checked_expert
 from catmerge.params import load_params
-from catmerge.selection import chosen_params
+from catmerge.selection import chosen_params, read_selection
 from catmerge.workspace import Workspace
 
 
@@ -18,34 +18,39 @@ def main() -> None:
     params = load_params()
     tasks, methods = params.tasks, params.merge.methods
     ws = Workspace(params)
+    # every input checked before the first score (the outputs of the last run stay until this one succeeds)
+    selection = read_selection(params)
+    chosen = {method: chosen_params(params, selection, method) for method in methods}
+    merged = {method: ws.checked_merged(method, chosen[method]) for method in methods}
+    experts = {task: WeightsFile(checked_expert(task)) for task in tasks}  # read into the tower a tensor at a time
+    ws.check_inputs({"cat": chosen.get("cat")}, "test")
     # Reference rows are recomputed here rather than cached per task: a few seconds, one process less per task.
     per_task = {task: {} for task in tasks}
     for task, score in ws.score(ws.pretrained, "test").items():
         per_task[task]["pretrained"] = score
     for task in tasks:
-        expert = WeightsFile(checked_expert(task))  # read into the tower a tensor at a time
-        per_task[task]["expert"] = ws.score(expert, "test", [task])[task]
+        per_task[task]["expert"] = ws.score(experts[task], "test", [task])[task]
     for method in methods:
-        for task, score in ws.score(WeightsFile(merged_path(method)), "test").items():
+        for task, score in ws.score(merged[method], "test").items():
             per_task[task][method] = score
     metrics = summarize(per_task, methods)
-    write_json(metrics, METRICS_DIR / "metrics.json")
     table = results_table(metrics)
-    write_text(table, METRICS_DIR / "results.md")
-    bar_chart(metrics, METRICS_DIR / "accuracy.png")
 
-    selection = read_json(SELECTION)
-    experts = {t: per_task[t]["expert"] for t in tasks}
-    alpha = chosen_params(params, selection, "task_arithmetic").alpha if "task_arithmetic" in methods else params.merge.alpha
-    decomposition = decompose(ws, alpha, experts)
-    write_json(decomposition, DECOMPOSITION)
+    expert_scores = {t: per_task[t]["expert"] for t in tasks}
+    alpha = chosen["task_arithmetic"].alpha if "task_arithmetic" in methods else params.merge.alpha
+    decomposition = decompose(ws, alpha, expert_scores)
     cat_decomposition = {}  # empty when CAT is not among the methods
     if "cat" in methods:
-        cat_params = chosen_params(params, selection, "cat")
+        cat_params = chosen["cat"]
         pieces, by_piece = ws.removals(cat_params)
         trimmed = cat.trimmed_vectors(pieces, ws.task_vectors, by_piece, cat_params.rescale)
         scored = {t: per_task[t]["cat"] for t in tasks}  # the merged file is theta_0 + alpha * sum of these
-        cat_decomposition = decompose(ws, cat_params.alpha, experts, vectors=trimmed, merged_scores=scored)
+        cat_decomposition = decompose(ws, cat_params.alpha, expert_scores, vectors=trimmed, merged_scores=scored)
+    # written last and together: a failure above leaves every output of the last run as it was
+    write_json(metrics, METRICS_DIR / "metrics.json")
+    write_text(table, METRICS_DIR / "results.md")
+    bar_chart(metrics, METRICS_DIR / "accuracy.png")
+    write_json(decomposition, DECOMPOSITION)
     write_json(cat_decomposition, DECOMPOSITION_CAT)
     print(table)
     avg = decomposition["average"]

@@ -20,12 +20,18 @@ from catmerge.io import (
     file_record,
     load_tensor,
     load_weights,
-    read_json,
     save_weights,
     verify_manifest,
     write_json,
 )
-from catmerge.layout import PRETRAINED_TEXT, PRETRAINED_TOWER, checked_pretrained, dataset_dir, expert_dir
+from catmerge.layout import (
+    PRETRAINED_TEXT,
+    PRETRAINED_TOWER,
+    checked_dataset_info,
+    checked_pretrained,
+    checked_split,
+    expert_dir,
+)
 from catmerge.models import FrozenTextEncoder, create_clip, load_into, zero_shot_head
 from catmerge.params import load_params
 
@@ -34,7 +40,7 @@ def main(task: str) -> None:
     params = load_params()
     check_task_argument(params, task)
     source = {"builtin": builtin, "hf": from_hub, "local": from_hub, "open_clip": from_open_clip}[params.source]
-    source(params, task, read_json(dataset_dir(task) / "info.json"))
+    source(params, task, checked_dataset_info(task))
 
 
 def from_open_clip(params, task: str, info: dict) -> None:
@@ -94,7 +100,7 @@ def write_expert(params, task, info, expert, head, logit_scale, weights_file, or
 
 
 def builtin(params, task: str, info: dict) -> None:
-    train = read_split(dataset_dir(task) / "train.parquet")
+    train = read_split(checked_split(task, "train"))
     generator = seed_everything(task_seed(params.seed, task))
 
     clip = create_clip(params.model)

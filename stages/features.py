@@ -9,8 +9,8 @@ Every token of every exemplar is a row; stored as rows, Gram matrix or sums of s
 from catmerge.cli import check_task_argument, run_stage
 from catmerge.data import read_split
 from catmerge.features import capture, exemplar_indices
-from catmerge.io import WeightsFile, save_weights
-from catmerge.layout import checked_pretrained, dataset_dir, features_path, task_vector_path
+from catmerge.io import WeightsFile, save_weights, write_sidecar_manifest
+from catmerge.layout import checked_pretrained, checked_split, checked_task_vector, features_path
 from catmerge.models import create_image_tower, resolve_device
 from catmerge.params import ParamsError, load_params
 from catmerge.task_vectors import apply_task_vector, load_task_vector
@@ -19,14 +19,14 @@ from catmerge.task_vectors import apply_task_vector, load_task_vector
 def main(task: str) -> None:
     params = load_params()
     check_task_argument(params, task)
-    train_path = dataset_dir(task) / "train.parquet"
+    pretrained = WeightsFile(checked_pretrained())  # read a tensor at a time, into the tower
+    delta = load_task_vector(pretrained, checked_task_vector(task), task)  # cheap checks before the images are decoded
+    train_path = checked_split(task, "train")
     train = read_split(train_path)
     count = params.cat.exemplars
     if count > len(train.labels):
         raise ParamsError(f"cat.exemplars = {count}: {train_path} has only {len(train.labels)} images")
     chosen = exemplar_indices(count, len(train.labels), params.data_seed, task)
-    pretrained = WeightsFile(checked_pretrained())  # read a tensor at a time, into the tower
-    delta = load_task_vector(pretrained, task_vector_path(task))
     tower = create_image_tower(params.model).to(resolve_device(params.device, params.source))
     tensors, pieces, info = capture(tower, apply_task_vector(pretrained, delta, params.cat.feature_alpha), train.images[chosen])
     needed = {p.input for p in pieces if p.input is not None}
@@ -34,6 +34,7 @@ def main(task: str) -> None:
     meta = {"task": task, "adapter": info["adapter"], "exemplars": chosen.tolist(), "data_seed": params.data_seed, "rows": rows,
             "feature_alpha": params.cat.feature_alpha}  # data_seed: the seed the exemplars were drawn with
     save_weights(tensors, features_path(task), meta)
+    write_sidecar_manifest(features_path(task), "features", task=task)
     print(f"{task}: {count} exemplars {chosen.tolist()}, {rows} rows per layer, {len(needed)} layer inputs")
 
 

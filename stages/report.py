@@ -18,13 +18,13 @@ from catmerge.layout import (
     task_vector_path,
 )
 from catmerge.params import load_params
-from catmerge.selection import alpha_curve
+from catmerge.selection import alpha_curve, read_selection
 
 
 def main() -> None:
     params = load_params()
     metrics = read_json(METRICS_DIR / "metrics.json")
-    selection = read_json(SELECTION)
+    selection = read_selection(params)
     curves = {m: c for m, e in selection["methods"].items() if (c := alpha_curve(e))}
     blocks, figures = report.comparison(metrics, selection)
     conflicts = ([], {})

@@ -5,7 +5,7 @@ Read, subtracted and written one tensor at a time: memory holds a layer, not a m
 import torch
 
 from catmerge.cli import check_task_argument, run_stage
-from catmerge.io import LazyWeights, WeightsFile, save_weights
+from catmerge.io import LazyWeights, WeightsFile, save_weights, write_sidecar_manifest
 from catmerge.layout import checked_expert, checked_pretrained, task_vector_path
 from catmerge.params import load_params
 from catmerge.task_vectors import task_vector
@@ -25,7 +25,9 @@ def main(task: str) -> None:
         squares["base"] += float(pretrained[key].double().square().sum())
         return value
 
-    save_weights(LazyWeights(delta.specs, measured), task_vector_path(task), {"task": task, "dtype": params.task_vectors.dtype})
+    meta = {"task": task, "dtype": params.task_vectors.dtype}
+    save_weights(LazyWeights(delta.specs, measured), task_vector_path(task), meta)
+    write_sidecar_manifest(task_vector_path(task), "task_vectors", **meta)
     norm, base = squares["delta"] ** 0.5, squares["base"] ** 0.5
     print(f"{task}: ||T_k|| = {norm:.3f} ({100 * norm / base:.1f}% of ||theta_0||)")
 

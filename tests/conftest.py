@@ -91,3 +91,11 @@ def micro_project(tmp_path_factory) -> Path:
     (project / "first_repro.log").write_text(proc.stdout + proc.stderr)
     shutil.copy(project / "metrics/metrics.json", project / "first_metrics.json")
     return project
+
+
+@pytest.fixture()
+def project(micro_project, tmp_path) -> Path:
+    """A copy of the micro build, for tests that change or break it."""
+    dest = tmp_path / "project"
+    shutil.copytree(micro_project, dest, symlinks=True, ignore=shutil.ignore_patterns(".catmerge"))
+    return dest

@@ -58,6 +58,17 @@ def test_repo_params_are_valid():
         ({"cat__exemplars": 0}, r"cat.exemplars = 0: .*greater than or equal to 1"),
         ({"cat__exemplars": 201}, r"cat.exemplars = 201: more than the 200 train images per task that datasets.max_train keeps"),
         ({"cat__qkv": "joint"}, r"cat.qkv = 'joint': Input should be 'split' or 'fused'"),
+        # round two: strict types, finite values, names that become paths, absurd grids
+        ({"cat__c": True}, r"cat.c = True: Input should be a valid integer"),
+        ({"select": {"ties": {"k": ["40"]}}}, r"select.ties.k = '40': Input should be a valid number"),
+        ({"merge__alpha": float("inf")}, r"merge.alpha = inf: Input should be a finite number"),
+        ({"select": {"cat": {"alpha": [0.5, float("nan")]}}}, r"select.cat.alpha = nan: Input should be a finite number"),
+        ({"cat__conv": "yes"}, r"cat.conv = 'yes': Input should be a valid boolean"),
+        ({"tasks": ["mnist", "../../../somewhere"]}, r"tasks entry: '../../../somewhere' is not a plain name"),
+        ({"tasks": ["/etc"]}, r"tasks entry: '/etc' is not a plain name"),
+        ({"select": {"ties": {"k": list(range(1, 101)), "alpha": [0.01 * i for i in range(1, 101)]}}},
+         r"select: 10000 candidates \(ties 10000\) is more than select_limits.max_candidates = 1000"),
+        ({"select_limits": {"max_candidates": 3}}, r"select: 6 candidates \(ties 4, pcb 2\) is more than select_limits.max_candidates = 3"),
     ],
 )
 def test_bad_params_are_refused_with_the_key(tmp_path, change, expected):
@@ -79,3 +90,39 @@ def test_select_grids_expand_in_grid_order():
     assert candidates(params, "task_arithmetic") == [{}]  # no grid: the fixed params only
     chosen = with_params(params.cat, points[1])
     assert (chosen.alpha, chosen.lambda_, chosen.c) == (0.3, 2.0, params.cat.c)
+
+
+HUB = {"source": "hf", "model": "hf-clip-vit-b-32", "pretrain": None, "finetune": None}
+
+
+@pytest.mark.parametrize(
+    "hub_change, expected",
+    [
+        ({"tasks": ["mnist", "../../../somewhere"], "hub__datasets": {"../../../somewhere": {"repo": "x", "templates": ["{}"]}}},
+         r"hub.datasets key \(a task name\): '../../../somewhere' is not a plain name"),
+        ({"tasks": ["mnist", "/tmp/x"], "hub__datasets": {"/tmp/x": {"repo": "x", "templates": ["{}"]}}}, r"'/tmp/x' is not a plain name"),
+        ({"tasks": ["mnist"], "hub__experts__sha256": {"../mnist": "0" * 64}}, r"hub.experts.sha256 key: '../mnist' is not a plain name"),
+        ({"tasks": ["mnist"], "hub__datasets": {"mnist": {"files": "../../{split}.parquet"}}},
+         r"hub.datasets.mnist.files: '../../{split}.parquet' must be a relative path inside the repository"),
+    ],
+)
+def test_names_that_become_paths_are_refused_for_hub_sources(tmp_path, hub_change, expected):
+    """A task named `../../../somewhere` with a hub.datasets entry would have made the datasets
+    stage replace a directory outside the project."""
+    with pytest.raises(ParamsError, match=expected):
+        load(tmp_path, **HUB, **hub_change)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("tasks: [mnist\nmodel: x\n", r"params.yaml: not valid YAML \(line 2, column \d+\)"),
+        ("- just\n- a list\n", r"params.yaml: expected a mapping of params at the top level, got list"),
+        ("seed: !!python/object/apply:os.system [echo pwned]\n", r"params.yaml: not valid YAML"),
+    ],
+)
+def test_unreadable_params_files_give_one_line_naming_the_file(tmp_path, text, expected):
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamsError, match=expected) as caught:
+        load_params(tmp_path / "params.yaml")
+    assert "\n" not in str(caught.value)

@@ -23,13 +23,6 @@ DVC = [sys.executable, "-m", "dvc"]
 FAULTS = ROOT / "tests" / "fault_injection"  # sitecustomize.py: SIGKILL at the n-th rename
 
 
-@pytest.fixture()
-def project(micro_project, tmp_path) -> Path:
-    dest = tmp_path / "project"
-    shutil.copytree(micro_project, dest, symlinks=True, ignore=shutil.ignore_patterns(".catmerge"))
-    return dest
-
-
 def hashes(root: Path, relative: str) -> dict[str, str]:
     path = root / relative
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
