@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from test_reliability import DVC, hashes, stage
 
@@ -176,8 +177,10 @@ def test_a_missing_or_stale_selection_is_named_with_what_to_run_and_the_merged_m
     assert proc.returncode != 0 and "selection.json" in proc.stdout + proc.stderr
     assert hashes(project, "data/merged") == before  # persistent: not deleted before the failure
     selection.write_text(kept)
-    params = (project / "params.yaml").read_text()
-    (project / "params.yaml").write_text(params.replace("pcb: {alpha: [0.5, 1.0]}", "pcb: {alpha: [0.5, 2.0]}"))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["select"]["pcb"] == {"alpha": [0.5, 1.0]}
+    params["select"]["pcb"]["alpha"] = [0.5, 2.0]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     proc = stage(project, ["merge"], check=False)
     assert proc.returncode == 2
     assert "metrics/selection.json: chosen on the grid {'alpha': [0.5, 1.0]} for pcb, params.yaml has {'alpha': [0.5, 2.0]} now" in proc.stderr

@@ -75,20 +75,24 @@ def test_sigkill_mid_write_leaves_nothing_a_reader_accepts_and_the_rerun_gives_t
     assert not orphans(project)  # the rerun cleared the dead writer's temporaries
 
 
-def test_sigkill_under_dvc_is_not_accepted_and_repro_restores_the_same_bytes(project, micro_project):
+def test_sigkill_under_dvc_keeps_the_last_good_outputs_and_repro_restores_the_same_bytes(project, micro_project):
     env = dict(os.environ, CATMERGE_KILL_AT="2", PYTHONPATH=str(FAULTS),  # ties, the 3rd of 6 merged files
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    proc = subprocess.run(DVC + ["repro", "-f", "--single-item", "merge"], cwd=project, env=env, capture_output=True, text=True, check=False)
+    killed_merge = DVC + ["repro", "-f", "--single-item", "merge"]
+    before = hashes(project, "data/merged")
+    proc = subprocess.run(killed_merge, cwd=project, env=env, capture_output=True, text=True, check=False)
     assert proc.returncode != 0
-    status = run(DVC + ["status", "--json", "merge"], project).stdout
-    assert "merge" in json.loads(status)  # DVC does not take the killed run's outputs as the stage's
-    merged = project / "data/merged"
-    assert sorted(p.name for p in merged.glob("*.safetensors")) == ["task_arithmetic.safetensors", "weight_averaging.safetensors"]
-    for path in merged.glob("*.safetensors"):  # what is under a final name is whole: the uninterrupted run's bytes
-        assert sha256_file(path) == sha256_file(micro_project / "data/merged" / path.name)
+    # data/merged is persistent and replaced whole: the killed run left the last good models, still DVC's
+    assert hashes(project, "data/merged") == before
+    assert json.loads(run(DVC + ["status", "--json", "merge"], project).stdout) == {}
+    shutil.rmtree(project / "data/merged")  # a first run killed: nothing under the final name
+    proc = subprocess.run(killed_merge, cwd=project, env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode != 0 and not (project / "data/merged").exists()
+    assert "merge" in json.loads(run(DVC + ["status", "--json", "merge"], project).stdout)
     run(DVC + ["repro", "--no-run-cache", "--single-item", "merge"], project)
     assert json.loads(run(DVC + ["status", "--json", "merge"], project).stdout) == {}
     assert hashes(project, "data/merged") == hashes(micro_project, "data/merged")
+    assert not orphans(project)
 
 
 def test_features_and_merged_weights_are_identical_across_processes(project, micro_project):
