@@ -40,6 +40,7 @@ from flows.dvc_repo import (
     stage_group,
     stage_order,
 )
+from flows.prefect_server import record_server, stop_orphaned_server
 
 DOWNLOAD_GROUPS = {"datasets", "pretrained", "experts"}  # hub sources fetch in these stages
 METRICS = Path("metrics/metrics.json")
@@ -99,6 +100,10 @@ def pipeline(
     # held for the whole run, so a second run in this workspace fails at once instead of
     # interleaving its stages (or its params.yaml overrides) with ours
     with workspace_lock(root, command=f"flow catmerge-pipeline (pid {os.getpid()})", check_dvc=True):
+        orphan = stop_orphaned_server(root)
+        if orphan is not None:
+            logger.info("stopped the temporary Prefect server (pid %d) that a killed flow left running", orphan)
+        record_server(root)
         apply_overrides(root, overrides or [])
         # params as this run set them: put back before each stage if another command changed them
         snapshot = params_snapshot(root, overrides or [])

@@ -334,6 +334,45 @@ def test_a_flow_puts_back_params_another_command_changed_between_its_stages(tmp_
     assert (tmp_path / "params.yaml").read_text() == "merge: {alpha: 0.3}\n"
 
 
+def test_the_next_flow_stops_the_prefect_server_a_killed_flow_left_and_nothing_else(tmp_path):
+    from flows import prefect_server
+
+    fake_server = [sys.executable, "-c", "import time; time.sleep(120)", prefect_server.SERVER_MARK]
+    server = subprocess.Popen(fake_server)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # not a server
+    try:
+        deadline = time.time() + 30
+        while prefect_server.SERVER_MARK not in prefect_server._command(server.pid):
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert prefect_server.record_server(tmp_path) == server.pid  # our child: recorded as this flow's
+        record_path = tmp_path / prefect_server.RECORD
+        record = json.loads(record_path.read_text())
+        assert record["flow_pid"] == os.getpid()
+        assert prefect_server.stop_orphaned_server(tmp_path) is None  # its flow (us) lives: left alone
+        assert server.poll() is None
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        record_path.write_text(json.dumps(dict(record, flow_pid=dead.pid)))  # its flow was killed
+        wrong_start = dict(record, flow_pid=dead.pid, server_started=record["server_started"] + 1)
+        record_path.write_text(json.dumps(wrong_start))  # a pid reused by another process is not it
+        assert prefect_server.stop_orphaned_server(tmp_path) is None and server.poll() is None
+        assert not record_path.exists()
+        record_path.write_text(json.dumps(dict(record, flow_pid=dead.pid, server_pid=other.pid,
+                                               server_started=prefect_server._stat(other.pid)[1])))
+        assert prefect_server.stop_orphaned_server(tmp_path) is None and other.poll() is None  # not a server
+        record_path.write_text(json.dumps(dict(record, flow_pid=dead.pid)))
+        assert prefect_server.stop_orphaned_server(tmp_path) == server.pid
+        assert server.wait(timeout=30) == -signal.SIGTERM
+        assert not record_path.exists()
+        record_path.write_text("{not json")
+        assert prefect_server.stop_orphaned_server(tmp_path) is None  # unreadable: nothing is known to be ours
+    finally:
+        for proc in (server, other):
+            proc.kill()
+            proc.wait()
+
+
 def test_the_busy_message_after_a_killed_run_names_the_process_still_holding_the_lock(tmp_path):
     """A flow killed by SIGKILL hands the lock to the `dvc repro` it started; the message names that
     command, not only the dead flow."""
