@@ -7,6 +7,7 @@ validation only; test accuracy at that alpha is what the summary reports. Writes
 
     python benchmarks/alpha_grid.py --project . --out benchmarks/results/alpha_grid_seed0.json
     python benchmarks/alpha_grid.py --summarize benchmarks/results/alpha_grid_seed*.json   # markdown tables
+    python benchmarks/alpha_grid.py --project MICRO_PROJECT --alphas 0.3 --out /tmp/alpha_grid.json   # tiny (tests)
 """
 
 from __future__ import annotations
@@ -18,31 +19,21 @@ from pathlib import Path
 
 from built_project import BuiltProject, mean_sd
 
-from catmerge.merging import merge_method
-from catmerge.merging.cat import read_removals
-
 ALPHAS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0]
 
 
 def measure(project: Path, alphas: list[float]) -> dict:
     built = BuiltProject.load(project)
-    params, data, tasks = built.params, built.data, built.params.tasks
-    theta0, tvs = built.theta0, built.task_vectors
+    params, tasks = built.params, built.params.tasks
     score = built.scorer()
-    removals = read_removals(data / "bases", tasks)
-
-    def merged(method, alpha):
-        if method == "cat":
-            return merge_method("cat")(theta0, tvs, params.cat.model_copy(update={"alpha": alpha}), removals)
-        return merge_method(method)(theta0, tvs, params.merge.model_copy(update={"alpha": alpha}))
 
     out = {"params": {"tasks": tasks, "seed": params.seed, "cat": params.cat.model_dump(by_alias=True)}}
-    out["pretrained"] = score(theta0, "test")
-    out["weight_averaging"] = score(merge_method("weight_averaging")(theta0, tvs), "test")
-    for method in ("task_arithmetic", "cat"):
+    out["pretrained"] = score(built.theta0, "test")
+    out["weight_averaging"] = score(built.merged("weight_averaging"), "test")
+    for method in ("task_arithmetic", "cat"):  # CAT with the bases stage's removals (the project's `cat` block)
         curve = {}
         for alpha in alphas:
-            weights = merged(method, alpha)
+            weights = built.merged(method, alpha=alpha)
             val, test = score(weights, "val"), score(weights, "test")
             curve[str(alpha)] = {"val_average": statistics.mean(val.values()), "test": test, "test_average": statistics.mean(test.values())}
             print(f"{method} alpha {alpha}: val {curve[str(alpha)]['val_average']:.1f} test {curve[str(alpha)]['test_average']:.1f}", flush=True)

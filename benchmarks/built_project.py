@@ -1,5 +1,7 @@
 """A built pipeline (a project's `data/` after `dvc repro`) for the benchmark scripts: the
-library's `Workspace`, under the names these scripts use."""
+library's `Workspace`, under the names these scripts use. Every file is read as the stages read it
+(checked against its manifest), and every merge is the one the `select` and `merge` stages compute
+(`Workspace.merged`), so these scripts follow the pipeline when either changes."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from catmerge.params import load_params
+from catmerge.params import load_params, method_params, with_params
 from catmerge.workspace import Workspace
 
 
@@ -34,6 +36,12 @@ class BuiltProject:
     @property
     def task_vectors(self) -> list:
         return self.workspace.task_vectors
+
+    def merged(self, method: str, **update):
+        """The merged weights of `method` with its params block from params.yaml, `update` applied
+        (e.g. alpha=0.3); weight averaging takes none."""
+        base = method_params(self.params, method)
+        return self.workspace.merged(method, None if base is None else with_params(base, update))
 
     def scorer(self):
         """score(weights, split, only=None) -> {task: accuracy %} with one reused tower."""

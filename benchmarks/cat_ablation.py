@@ -8,6 +8,7 @@ under `data/`.
     python benchmarks/cat_ablation.py --out benchmarks/results/cat_ablation_seed0.json \\
         "c=0" "rescale=False" "c_norm=0,c_shift=0" "c=0,c_norm=2,c_shift=0" "c=0,c_norm=0,c_shift=2" \\
         "lam=0.0" "lam=5.0" "lam=20.0" "lam=100.0" "qkv='fused'" "c=1"
+    python benchmarks/cat_ablation.py --project MICRO_PROJECT --alphas 0.3 --out /tmp/cat_ablation.json c=1   # tiny (tests)
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from built_project import BuiltProject
 
 from catmerge import cat
 from catmerge.adapters import get_adapter
-from catmerge.features import load_features
 from catmerge.task_vectors import apply_task_vector
 
 ALPHAS = [0.3, 0.5, 0.7, 1.0]
@@ -42,13 +42,13 @@ def main() -> None:
     args = parser.parse_args()
 
     built = BuiltProject.load(args.project)
-    params, data, tasks = built.params, built.data, built.params.tasks
+    params = built.params
     theta0, tvs = built.theta0, built.task_vectors
     score = built.scorer()
-    loaded = [load_features(data / f"features/{t}.safetensors") for t in tasks]
+    loaded = built.workspace.features  # per task (linear inputs, norm sums, metadata), checked as the stages check them
     features = [(linear, sums) for linear, sums, _ in loaded]
     adapter = get_adapter(loaded[0][2]["adapter"])
-    shapes = {k: tuple(v.shape) for k, v in theta0.items() if v.is_floating_point()}
+    shapes = {k: tuple(shape) for k, (dtype, shape) in theta0.specs.items() if dtype.is_floating_point}
     p = params.cat
 
     def val_average(weights) -> float:

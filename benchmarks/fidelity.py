@@ -13,6 +13,8 @@ heads) and catmerge's code: rerunning the sweep, or extending it, computes only 
     python benchmarks/fidelity.py --group lr1e-4 --project seed0=../fid/lr1e-4_s0 ... \\
         --settings reference --out benchmarks/results/fidelity_lr1e-4.json
     python benchmarks/fidelity.py --summarize benchmarks/results/fidelity_*.json   # tables
+    python benchmarks/fidelity.py --group tiny --project s0=MICRO_PROJECT --max-settings 2 --alphas 0.3 \
+        --cache /tmp/fidelity-cache --out /tmp/fidelity.json   # tiny (tests): Task Arithmetic and CAT, one alpha
 
 Settings "reference": Task Arithmetic and CAT with the project's `cat` block; "sweep": those and
 one factor changed at a time (SWEEP below). Every configuration tried is written out.

@@ -4,6 +4,7 @@ metrics/metrics.json and metrics/selection.json (after `dvc repro`); writes JSON
 
     python benchmarks/methods_table.py --run seed0=. --run seed1=../seed1 --run seed2=../seed2 \
         --out benchmarks/results/methods.json
+    python benchmarks/methods_table.py --run tiny=MICRO_PROJECT --out /tmp/methods.json   # tiny (tests)
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ issue 2 (paper ViT-B/32: zero-shot 48.0, experts 90.5, weight averaging 65.8, TA
 - weight averaging not above TA.
 
     python benchmarks/regime.py --run seed0=. --run seed1=../seed1 --out benchmarks/results/regime.json
+    python benchmarks/regime.py --run tiny=MICRO_PROJECT --alphas 0.3 --out /tmp/regime.json   # tiny (tests)
 """
 
 from __future__ import annotations
@@ -21,30 +22,22 @@ from pathlib import Path
 
 from built_project import BuiltProject, mean_sd
 
-from catmerge.io import load_weights
-from catmerge.merging import merge_method
-from catmerge.params import MergeParams
+from catmerge.fidelity import experts_accuracy
 
 ALPHAS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0]
 
 
-def measure(project: Path) -> dict:
+def measure(project: Path, alphas: list[float] = ALPHAS) -> dict:
     built = BuiltProject.load(project)
-    data, tasks = built.data, built.params.tasks
-    theta0, tvs = built.theta0, built.task_vectors
     score = built.scorer()
 
-    out = {"pretrained": score(theta0, "test"), "expert": {}}
-    for t in tasks:
-        out["expert"].update(score(load_weights(data / f"experts/{t}/expert.safetensors"), "test", [t]))
-    out["weight_averaging"] = score(merge_method("weight_averaging")(theta0, tvs), "test")
+    out = {"pretrained": score(built.theta0, "test"), "expert": experts_accuracy(built.workspace)}
+    out["weight_averaging"] = score(built.merged("weight_averaging"), "test")
     val_curve = {}
-    for alpha in ALPHAS:
-        merged = merge_method("task_arithmetic")(theta0, tvs, MergeParams(methods=["task_arithmetic"], alpha=alpha))
-        val_curve[alpha] = statistics.mean(score(merged, "val").values())
-    best = max(ALPHAS, key=lambda a: (val_curve[a], -a))
-    merged = merge_method("task_arithmetic")(theta0, tvs, MergeParams(methods=["task_arithmetic"], alpha=best))
-    out["task_arithmetic"] = score(merged, "test")
+    for alpha in alphas:
+        val_curve[alpha] = statistics.mean(score(built.merged("task_arithmetic", alpha=alpha), "val").values())
+    best = max(alphas, key=lambda a: (val_curve[a], -a))
+    out["task_arithmetic"] = score(built.merged("task_arithmetic", alpha=best), "test")
     out["task_arithmetic_val_curve"] = val_curve
     out["task_arithmetic_alpha"] = best
     return out
@@ -86,12 +79,13 @@ def markdown_summary(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", required=True, help="NAME=PROJECT_DIR of a built pipeline")
+    parser.add_argument("--alphas", type=float, nargs="+", default=ALPHAS, help="Task Arithmetic's alpha grid, chosen on val")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     results = {}
     for item in args.run:
         name, _, path = item.partition("=")
-        run = measure(Path(path))
+        run = measure(Path(path), args.alphas)
         run["criteria"] = criteria(run)
         results[name] = run
         print(name, json.dumps(run["criteria"], indent=1))
