@@ -1,7 +1,8 @@
 """catmerge: training-free merging of expert models fine-tuned from one pretrained model.
 
-The public surface is small: build models from architecture configs, compute task vectors,
-merge them with a named method, evaluate with a zero-shot head. Names are imported lazily so
+The public surface is small: `merge(method, pretrained, experts, ...)` merges checkpoints with any
+method; below it, build models from architecture configs, compute task vectors, merge them with a
+named method, evaluate with a zero-shot head. Names are imported lazily so
 that light stages do not pay for importing open_clip.
 """
 
@@ -15,8 +16,11 @@ _PUBLIC = {
     "task_vector": "task_vectors",
     "apply_task_vector": "task_vectors",
     "merge_method": "merging",
+    "merge": "api",
+    "method_params": "api",
 }
-__all__ = ["apply_task_vector", "create_clip", "create_image_tower", "load_weights", "merge_method", "save_weights", "task_vector"]
+__all__ = ["apply_task_vector", "create_clip", "create_image_tower", "load_weights", "merge", "merge_method", "method_params",
+           "save_weights", "task_vector"]
 
 
 def __getattr__(name: str):

@@ -46,7 +46,7 @@ def exemplar_indices(count: int, available: int, data_seed: int, task: str) -> t
 
 def capture(tower, weights: dict[str, torch.Tensor], images: torch.Tensor) -> tuple[dict[str, torch.Tensor], list, dict]:
     """(compressed layer inputs, pieces, {"adapter", "rows"}) of `tower` loaded with `weights` on
-    raw `images`: every token of every image is a row. Raises if the adapter missed a layer input
+    raw `images` (or a text encoder's tokenized batch): every token of every input is a row. Raises if the adapter missed a layer input
     a piece needs."""
     from .adapters import adapter_for
     from .models import copy_weights, normalize_images
@@ -54,7 +54,11 @@ def capture(tower, weights: dict[str, torch.Tensor], images: torch.Tensor) -> tu
     copy_weights(tower, weights)
     adapter = adapter_for(tower)
     device = next(tower.parameters()).device
-    captured = {k: v.cpu() for k, v in adapter.capture_inputs(tower, normalize_images(images).to(device)).items()}
+    if isinstance(images, Mapping):  # a text encoder's tokenized batch (input_ids, attention_mask, ...)
+        batch = {k: v.to(device) for k, v in images.items()}
+    else:  # uint8 images (N, H, W, 3), evaluation preprocessing
+        batch = normalize_images(images).to(device)
+    captured = {k: v.cpu() for k, v in adapter.capture_inputs(tower, batch).items()}
     shapes = {k: shape for k, (dtype, shape) in specs_of(weights).items() if dtype.is_floating_point}
     pieces = adapter.pieces(shapes, qkv="fused")
     missing = sorted({p.input for p in pieces if p.input is not None} - set(captured))

@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from .benchmark.tasks import TASKS
 from .configs import is_known, our_configs
-from .merging import METHOD_NAMES
+from .merging import METHOD_NAMES, method_module
+from .params_base import ParamsError, Strict
 
 # A name that becomes a file or directory name (a task, a method): letters, digits, `_`, `-` and
 # inner dots; no separator, no leading dot, so never `..`, a hidden file or an absolute path.
@@ -46,12 +47,6 @@ def _known_and_unique(names: list[str], known: list[str], kind: str) -> list[str
     return names
 
 
-class Strict(BaseModel):
-    # strict: `true` is not 1 and "40" is not 40; no NaN or Inf anywhere (an alpha of inf would
-    # only fail later, inside a tensor, naming a weight instead of the param)
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
-
-
 class DatasetParams(Strict):
     # Caps on split sizes (first N of a seeded shuffle); null keeps the whole split.
     max_train: int | None = Field(default=None, ge=1)
@@ -79,56 +74,18 @@ class TaskVectorParams(Strict):
 
 class MergeParams(Strict):
     methods: list[str] = Field(min_length=1)
-    alpha: float = Field(gt=0, description="task-vector scaling of task_arithmetic")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_alpha(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "alpha" in data:
+            raise ValueError("merge.alpha is now task_arithmetic.alpha (each method's params live in its own block)")
+        return data
 
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, methods: list[str]) -> list[str]:
         return _known_and_unique(methods, list(METHOD_NAMES), "merge method")
-
-
-class CatParams(Strict):
-    """CAT Merging (catmerge/cat.py). Stages: features (exemplars, feature_alpha), bases (c ...
-    shift_score), merge (alpha, rescale)."""
-
-    exemplars: int = Field(default=2, ge=1, description="unlabeled train images per task whose tokens are the feature rows")
-    feature_alpha: float = Field(default=1.0, gt=0, description="features come from theta_0 + feature_alpha * T_k")
-    c: int = Field(default=2, ge=0, description="removal directions per linear weight and task (Eq. 11)")
-    lambda_: float = Field(default=1.0, ge=0, alias="lambda", description="weight of task i's own signal in Eq. 10")
-    c_norm: int | None = Field(default=None, ge=0, description="coordinates masked per norm scale (Eq. 14); null = c")
-    lambda_norm: float | None = Field(default=None, ge=0, description="lambda of Eq. 13; null = lambda")
-    c_shift: int | None = Field(default=None, ge=0, description="coordinates masked per shift (Eq. 17); null = c")
-    qkv: Literal["split", "fused"] = "split"
-    conv: bool = Field(default=False, description="treat the patch embedding as a linear map on unfolded patches")
-    drop_nonpositive: bool = True
-    precision: Literal["float64", "float32"] = Field(default="float64", description="bases: precision of the linear weights' products and eigenproblems (float32: half the time, for large models)")
-    shift_score: Literal["others", "own"] = "others"
-    rescale: bool = Field(default=True, description="scale each trimmed linear weight / norm scale back to its norm")
-    alpha: float = Field(default=0.4, gt=0, description="scaling of the summed trimmed task vectors")
-
-
-class TiesParams(Strict):
-    """TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint mean."""
-
-    k: float = Field(default=20.0, gt=0, le=100, description="percent of each task vector's entries kept per tensor, by magnitude")
-    alpha: float = Field(default=1.0, gt=0, description="scaling of the merged task vector")
-
-
-class RegMeanParams(Strict):
-    """RegMean (Jin et al., ICLR 2023): per linear layer, the weight that best matches every expert's
-    outputs on its own inputs; other parameters averaged."""
-
-    nondiagonal_scale: float = Field(
-        default=0.9, ge=0, le=1, description="off-diagonal entries of the Gram matrices are multiplied by this (1 = plain RegMean)"
-    )
-    alpha: float = Field(default=1.0, gt=0, description="scaling of the merged delta (1 = RegMean as published)")
-
-
-class PcbParams(Strict):
-    """PCB-Merging (Du et al., NeurIPS 2024): intra- and inter-task balancing, drop, rescale."""
-
-    drop_ratio: float = Field(default=0.9, ge=0, lt=1, description="fraction of each task vector's entries dropped, lowest balance first")
-    alpha: float = Field(default=1.0, gt=0, description="scaling of the merged task vector")
 
 
 SHA256 = r"^[0-9a-fA-F]{64}$"
@@ -198,7 +155,9 @@ class SelectLimits(Strict):
     max_candidates: int = Field(default=1000, ge=1, description="most grid points `select` scores in one run")
 
 
-class Params(Strict):
+class CoreParams(Strict):
+    """Everything in params.yaml but the merge methods' own blocks (see `Params`)."""
+
     tasks: list[str] = Field(min_length=1)
     # builtin: the offline benchmark (pretrained and experts trained here); hf: transformers CLIP
     # checkpoints and datasets from the Hugging Face hub (block `hub`); local: the same from local
@@ -213,16 +172,13 @@ class Params(Strict):
     hub: HubParams = HubParams()
     task_vectors: TaskVectorParams = TaskVectorParams()
     merge: MergeParams
-    cat: CatParams = CatParams()
-    ties: TiesParams = TiesParams()
-    regmean: RegMeanParams = RegMeanParams()
-    pcb: PcbParams = PcbParams()
+    # each merge method's block (cat, ties, ...) is added below from its module's PARAMS
     evaluate: EvaluateParams = EvaluateParams()
     # where the features, select and evaluate stages run the towers: auto = a GPU when torch sees
     # one, except for source builtin (the offline benchmark stays on the CPU, byte for byte)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Candidate grids chosen on validation by stage `select`: {method: {param: [values]}}.
-    select: dict[str, dict[str, list[Any]]] = {}
+    select: dict[str, dict[str, list[Any]]] = Field(default={})
     select_limits: SelectLimits = SelectLimits()
 
     @field_validator("tasks")
@@ -272,28 +228,11 @@ class Params(Strict):
         return self
 
     @model_validator(mode="after")
-    def _cat_fits_the_model_and_data(self) -> Params:
-        from .configs import model_config
-
-        if self.datasets.max_train is not None and self.cat.exemplars > self.datasets.max_train:
-            raise ValueError(f"cat.exemplars = {self.cat.exemplars}: more than the {self.datasets.max_train} train images per task "
-                             f"that datasets.max_train keeps")
-        vision = model_config(self.model).get("vision_cfg", {})
-        width = vision.get("width", vision.get("hidden_size"))  # open_clip / transformers names
-        if width is None:
-            return self  # the bases stage checks each layer's width itself
-        grid = self.select.get("cat", {})
-        for key in ("c", "c_norm", "c_shift"):
-            values = [(f"cat.{key}", getattr(self.cat, key))] + [(f"select.cat.{key}", v) for v in grid.get(key, [])]
-            for where, value in values:
-                if not isinstance(value, int):
-                    continue
-                if key == "c" and value >= width:  # B_k would span every direction: nothing of T_i would be kept
-                    raise ValueError(f"{where} = {value}: must be less than {width}, the output width of the narrowest linear "
-                                     f"layer CAT trims in model {self.model}")
-                if value > width:
-                    raise ValueError(f"{where} = {value}: more than the {width} coordinates of the narrowest norm scale "
-                                     f"or shift CAT masks in model {self.model}")
+    def _methods_fit_the_model_and_data(self) -> Params:
+        for method in METHOD_NAMES:
+            check = getattr(method_module(method), "check_params", None)
+            if check is not None:
+                check(self)
         return self
 
     @field_validator("model")
@@ -334,11 +273,9 @@ class Params(Strict):
         return self
 
 
-# Params a `select` grid may not vary: the method list, and the features stage's inputs (sweep those
-# with `dvc exp run`, they rerun the features stage).
-NOT_SELECTABLE = {"methods", "exemplars", "feature_alpha"}
-# The params block of each method with hyperparameters (Task Arithmetic's alpha lives in `merge`).
-METHOD_BLOCKS = {"task_arithmetic": "merge", "ties": "ties", "regmean": "regmean", "pcb": "pcb", "cat": "cat"}
+# Params a `select` grid may not vary: the features stage's inputs (sweep those with `dvc exp run`,
+# they rerun the features stage).
+NOT_SELECTABLE = {"exemplars", "feature_alpha"}
 
 
 def _field_names(model: BaseModel) -> list[str]:
@@ -346,9 +283,21 @@ def _field_names(model: BaseModel) -> list[str]:
 
 
 def method_params(params: Params, method: str) -> BaseModel | None:
-    """The params block a method reads (None for weight averaging)."""
-    block = METHOD_BLOCKS.get(method)
-    return None if block is None else getattr(params, block)
+    """The params block a method reads (its own name in params.yaml; None without hyperparameters)."""
+    return getattr(params, method) if method_module(method).PARAMS is not None else None
+
+
+def _method_blocks() -> dict[str, tuple]:
+    blocks = {}
+    for method in METHOD_NAMES:
+        block = method_module(method).PARAMS
+        if block is not None:
+            blocks[method] = (block, block())
+    return blocks
+
+
+# The whole params.yaml: the core keys above plus one block per merge method with params.
+Params = create_model("Params", __base__=CoreParams, **_method_blocks())
 
 
 def with_params(base: BaseModel, update: dict[str, Any]) -> BaseModel:
@@ -360,10 +309,6 @@ def candidates(params: Params, method: str) -> list[dict[str, Any]]:
     """The grid points of `select.<method>` in grid order (one empty point without a grid)."""
     grid = params.select.get(method, {})
     return [dict(zip(grid, values)) for values in product(*grid.values())]
-
-
-class ParamsError(ValueError):
-    pass
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

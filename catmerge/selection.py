@@ -28,11 +28,11 @@ PACKAGE = Path(__file__).resolve().parent
 # The code a validation score depends on (besides the method's own module): dvc.yaml's `select`
 # stage lists the same as deps. Editing anything else (the report, say) keeps the cache.
 SCORING_CODE = ["adapters", "model_configs", "cat.py", "configs.py", "data.py", "evaluation.py", "features.py",
-                "io.py", "merging/__init__.py", "models.py", "params.py", "selection.py", "task_vectors.py", "workspace.py"]
+                "io.py", "merging/__init__.py", "models.py", "params.py", "params_base.py", "selection.py", "task_vectors.py", "workspace.py"]
 
 
 def _code_files(method: str) -> list[Path]:
-    files = [PACKAGE / "merging" / f"{method}.py"]
+    files = [PACKAGE / "merging" / f"{method}.py", *sorted((PACKAGE / "merging").glob("_*.py"))]  # its shared helpers too
     for name in SCORING_CODE:
         path = PACKAGE / name
         files += sorted(p for p in path.rglob("*") if p.suffix in (".py", ".json")) if path.is_dir() else [path]
@@ -138,8 +138,8 @@ def select(ws: Workspace, cache_dir: str | Path, log=print) -> dict:
             plan.append((method, point, chosen_params, full, code, path, scores))
     to_score = sum(scores is None for *_, scores in plan)
     log(f"select: {len(plan)} candidates, {len(plan) - to_score} from the cache, {to_score} to score on {SPLIT}")
-    if any(method == "cat" and scores is None for method, *_, scores in plan):  # CAT's bases, before any scoring
-        ws.check_inputs({"cat": next(p for m, _, p, *_, sc in plan if m == "cat" and sc is None)}, SPLIT)
+    # what each method needs beyond the task vectors (CAT's bases ...), checked before any scoring
+    ws.check_inputs({method: chosen for method, _, chosen, *_, scores in reversed(plan) if scores is None}, SPLIT)
     evaluated = 0
     rows_by_method: dict[str, list] = {m: [] for m in ws.params.merge.methods}
     for method, point, chosen_params, full, code, path, scores in plan:

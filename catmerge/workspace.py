@@ -14,8 +14,8 @@ from . import layout
 from .data import read_split
 from .features import load_features
 from .io import WeightsFile, read_json
+from .merging import MergeInputs, method_module, needs
 from .merging import cat as cat_merge
-from .merging import method_module
 from .params import Params
 from .task_vectors import Weights, apply_task_vector
 
@@ -64,30 +64,36 @@ class Workspace:
                 self._removals[key] = (pieces, by_piece)
         return self._removals[key]
 
-    def regmean_inputs(self) -> tuple[list, list, list]:
-        """(linear pieces with q/k/v fused, each task's linear-layer inputs by name, the features
-        files they come from) for RegMean."""
-        from .adapters import get_adapter
+    def merge_inputs(self, method: str, method_params) -> MergeInputs:
+        """What `method` NEEDS beyond theta_0 and the task vectors, from this project's artifacts:
+        each task's linear-layer inputs (the features stage, q/k/v fused), CAT's removals."""
+        wanted = needs(method)
+        inputs = MergeInputs(names=[str(self.path(layout.features_path(t))) for t in self.params.tasks])
+        if "layer_inputs" in wanted:
+            from .adapters import get_adapter
 
-        adapter = get_adapter(self.features[0][2].get("adapter", ""))
-        shapes = {k: shape for k, (dtype, shape) in self.pretrained.specs.items() if dtype.is_floating_point}
-        pieces = [p for p in adapter.pieces(shapes, "fused") if p.family == "linear"]
-        names = [str(self.path(layout.features_path(t))) for t in self.params.tasks]
-        return pieces, [linear for linear, _, _ in self.features], names
+            adapter = get_adapter(self.features[0][2].get("adapter", ""))
+            shapes = {k: shape for k, (dtype, shape) in self.pretrained.specs.items() if dtype.is_floating_point}
+            inputs.pieces = [p for p in adapter.pieces(shapes, "fused") if p.family == "linear"]
+            inputs.layer_inputs = [linear for linear, _, _ in self.features]
+        if "removals" in wanted:
+            inputs.removals = self.removals(method_params)
+        return inputs
 
     def check_inputs(self, chosen: dict, split: str | None = None) -> None:
-        """Every input the merges of `chosen` ({method: its params, or None for "any"}) and scoring
-        on `split` read, checked before any work (headers and metadata, sha256s against their
-        manifests, then CAT's bases for its params), so a bad file stops the stage before it has
-        spent time or replaced an output."""
+        """Every input the merges of `chosen` ({method: its params}) and scoring on `split` read,
+        checked before any work (headers and metadata, sha256s against their manifests, then what
+        each method NEEDS, such as CAT's bases for its params), so a bad file stops the stage
+        before it has spent time or replaced an output."""
         self.task_vectors  # noqa: B018 - cached properties: each checks as it loads
         self.features  # noqa: B018
         if split is not None:
             self.heads  # noqa: B018
             for task in self.params.tasks:
                 layout.checked_split(task, split, self.root)
-        if chosen.get("cat") is not None:
-            self.removals(chosen["cat"])
+        for method, method_params in chosen.items():
+            if needs(method):
+                self.merge_inputs(method, method_params)
 
     def checked_merged(self, method: str, method_params) -> WeightsFile:
         """data/merged/<method>.safetensors, vouched for by its manifest, and saying (in its
@@ -107,19 +113,15 @@ class Workspace:
         For theta_0 + alpha * tau_m methods, tau_m is kept in memory for the other alphas of a
         grid (one model's worth) unless `keep_vector` is off (the merge stage: one alpha each)."""
         module = method_module(method)
-        extra = ()
-        if method == "cat":
-            extra = (self.removals(method_params),)
-        elif method == "regmean":
-            extra = self.regmean_inputs()
+        inputs = self.merge_inputs(method, method_params)
         if not hasattr(module, "merged_vector"):
-            return module.merge(self.pretrained, self.task_vectors, method_params, *extra)
+            return module.merge(self.pretrained, self.task_vectors, method_params, inputs)
         if not keep_vector:
-            return apply_task_vector(self.pretrained, module.merged_vector(self.task_vectors, method_params, *extra), method_params.alpha)
+            return apply_task_vector(self.pretrained, module.merged_vector(self.task_vectors, method_params, inputs), method_params.alpha)
         key = (method, repr(sorted(method_params.model_dump(exclude={"alpha"}).items())))
         if key != self._last_vector[0]:
             self._last_vector = (None, None)  # the old one goes before the new one is built
-            self._last_vector = (key, dict(module.merged_vector(self.task_vectors, method_params, *extra)))
+            self._last_vector = (key, dict(module.merged_vector(self.task_vectors, method_params, inputs)))
         return apply_task_vector(self.pretrained, self._last_vector[1], method_params.alpha)
 
     # ---- scoring ------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def main() -> None:
     chosen = {method: chosen_params(params, selection, method) for method in methods}
     merged = {method: ws.checked_merged(method, chosen[method]) for method in methods}
     experts = {task: WeightsFile(checked_expert(task)) for task in tasks}  # read into the tower a tensor at a time
-    ws.check_inputs({"cat": chosen.get("cat")}, "test")
+    ws.check_inputs(chosen, "test")
     # Reference rows are recomputed here rather than cached per task: a few seconds, one process less per task.
     per_task = {task: {} for task in tasks}
     for task, score in ws.score(ws.pretrained, "test").items():
@@ -37,7 +37,7 @@ def main() -> None:
     table = results_table(metrics)
 
     expert_scores = {t: per_task[t]["expert"] for t in tasks}
-    alpha = chosen["task_arithmetic"].alpha if "task_arithmetic" in methods else params.merge.alpha
+    alpha = chosen["task_arithmetic"].alpha if "task_arithmetic" in methods else params.task_arithmetic.alpha
     decomposition = decompose(ws, alpha, expert_scores)
     cat_decomposition = {}  # empty when CAT is not among the methods
     if "cat" in methods:

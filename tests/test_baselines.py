@@ -1,5 +1,6 @@
 """TIES, RegMean and PCB merging (catmerge/merging/{ties,regmean,pcb}.py): hand-computed examples
-and properties that hold for all inputs."""
+and properties that hold for all inputs. TSV-M and Iso-C/CTS are in test_spectral_methods.py; the
+comparison with FusionBench's code is test_oracle_fusionbench.py."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from hypothesis import strategies as st
 from catmerge.adapters import Piece
 from catmerge.cat import LayerInput
 from catmerge.io import ArtifactError
-from catmerge.merging import merge_method, pcb, regmean, ties
-from catmerge.params import PcbParams, RegMeanParams, TiesParams
+from catmerge.merging import METHOD_NAMES, MergeInputs, merge_method, method_module, pcb, ties
+from catmerge.merging.pcb import PcbParams
+from catmerge.merging.regmean import RegMeanParams
+from catmerge.merging.ties import TiesParams
 
 SETTINGS = settings(max_examples=25, deadline=None)
 F64 = torch.float64
@@ -24,10 +27,21 @@ def randn(g: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=g, dtype=F64)
 
 
-def test_methods_are_registered():
-    assert merge_method("ties") is ties.merge
-    assert merge_method("regmean") is regmean.merge
-    assert merge_method("pcb") is pcb.merge
+ties_merge, pcb_merge = merge_method("ties"), merge_method("pcb")
+
+
+def regmean_merge(theta0, deltas, params, pieces, layer_inputs, names=None):
+    return merge_method("regmean")(theta0, deltas, params, MergeInputs(pieces=pieces, layer_inputs=layer_inputs, names=names))
+
+
+def test_every_method_module_has_the_one_shape():
+    assert {"weight_averaging", "task_arithmetic", "ties", "regmean", "pcb", "tsv_m", "iso_c", "iso_cts", "cat"} <= set(METHOD_NAMES)
+    for name in METHOD_NAMES:
+        module = method_module(name)  # checks PARAMS, NEEDS and a merge function
+        assert module.PARAMS is None or module.PARAMS().model_dump()  # every param has a default
+    assert method_module("ties") is ties and method_module("regmean").NEEDS == {"layer_inputs"}
+    with pytest.raises(KeyError, match="unknown merge method 'nope'; known: cat, "):
+        method_module("nope")
 
 
 # ---- TIES ------------------------------------------------------------------------------------
@@ -51,18 +65,48 @@ def test_ties_hand_example():
     # (0,2), (1,2): no task survives the trim -> 0
     disjoint = torch.tensor([[-5.0, 1.5, 0.0], [-3.0, -3.0, 0.0]])
     theta0 = {"w": torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 2.0]]), "steps": torch.tensor(7)}
-    out = ties.merge(theta0, [{"w": t.double()} for t in (t1, t2, t3)], TiesParams(k=50, alpha=0.5))
+    out = ties_merge(theta0, [{"w": t.double()} for t in (t1, t2, t3)], TiesParams(k=50, alpha=0.5))
     assert out["w"].dtype == torch.float32 and out["steps"].dtype == torch.int64
     assert torch.equal(out["w"], theta0["w"] + 0.5 * disjoint)
     assert torch.equal(out["steps"], theta0["steps"])
 
 
-def test_ties_exact_mass_tie_keeps_theta0():
+def test_ties_exact_mass_tie_takes_the_majority_sign_as_published():
     theta0 = {"w": torch.tensor([1.0, 1.0])}
-    out = ties.merge(
-        theta0, [{"w": torch.tensor([2.0, 1.0])}, {"w": torch.tensor([-2.0, 3.0])}], TiesParams(k=100, alpha=1.0)
-    )
-    assert torch.equal(out["w"], torch.tensor([1.0, 3.0]))  # [2 - 2 = 0 -> no sign, mean(1, 3)]
+    out = ties_merge(theta0, [{"w": torch.tensor([2.0, 1.0])}, {"w": torch.tensor([-2.0, 3.0])}], TiesParams(k=100, alpha=1.0))
+    # entry 0: 2 - 2 = 0 elects no sign itself; the model's elected signs sum to +1, so it takes +: mean(2) = 2
+    assert torch.equal(out["w"], torch.tensor([3.0, 3.0]))
+    # no majority either (the signs sum to 0): the entry keeps theta_0
+    out = ties_merge({"w": torch.tensor([1.0])}, [{"w": torch.tensor([2.0])}, {"w": torch.tensor([-2.0])}], TiesParams(k=100))
+    assert torch.equal(out["w"], torch.tensor([1.0]))
+
+
+def test_ties_trims_over_the_whole_task_vector_by_default():
+    theta0 = {"a": torch.zeros(4, dtype=F64), "b": torch.zeros(4, dtype=F64)}
+    delta = {"a": torch.tensor([10.0, 9.0, 8.0, 7.0], dtype=F64), "b": torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=F64)}
+    published = ties_merge(theta0, [delta], TiesParams(k=50))  # the top 4 of all 8 entries: all of `a`
+    assert torch.equal(published["a"], delta["a"]) and torch.equal(published["b"], torch.zeros(4, dtype=F64))
+    per_tensor = ties_merge(theta0, [delta], TiesParams(k=50, trim="per_tensor"))  # the top 2 of each
+    assert torch.equal(per_tensor["a"], torch.tensor([10.0, 9.0, 0.0, 0.0], dtype=F64))
+    assert torch.equal(per_tensor["b"], torch.tensor([0.0, 0.0, 3.0, 4.0], dtype=F64))
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), k=st.floats(0.5, 100.0), levels=st.sampled_from([0, 3, 50]))
+def test_global_trim_is_the_trim_of_the_flattened_vector(seed, k, levels):
+    """The streamed threshold (a bucket histogram, then one bucket) keeps exactly what trimming the
+    concatenated vector keeps, ties at the threshold included (levels: few distinct magnitudes)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"a": (7, 5), "b": (11,), "c": (3, 2, 4)}
+    if levels:
+        delta = {key: (torch.randint(-levels, levels + 1, shape, generator=g) * 0.25).to(F64) for key, shape in shapes.items()}
+    else:
+        delta = {key: randn(g, *shape) * torch.exp(3 * randn(g, *shape)) for key, shape in shapes.items()}
+    flat = ties.trim(torch.cat([v.reshape(-1) for v in delta.values()]), k)
+    limits = ties.global_thresholds(delta, list(delta), k)
+    streamed = torch.cat([ties.trim_at(delta[key], *limits[key]).reshape(-1) for key in delta])
+    assert torch.equal(streamed, flat)
+    assert int((streamed != 0).sum()) <= ties.kept_count(k, flat.numel())
 
 
 def test_ties_kept_count_rounds_up():
@@ -84,7 +128,7 @@ def test_ties_full_k_with_agreeing_signs_is_the_scaled_mean(seed, tasks, alpha):
     sign = torch.where(randn(g, 4, 5) > 0, 1.0, -1.0).to(F64)
     deltas = [{"w": sign * (0.1 + torch.rand(4, 5, generator=g, dtype=F64))} for _ in range(tasks)]
     theta0 = {"w": randn(g, 4, 5)}
-    out = ties.merge(theta0, deltas, TiesParams(k=100, alpha=alpha))
+    out = ties_merge(theta0, deltas, TiesParams(k=100, alpha=alpha))
     mean = sum(d["w"] for d in deltas) / tasks
     torch.testing.assert_close(out["w"], theta0["w"] + alpha * mean, rtol=1e-12, atol=1e-12)
 
@@ -95,8 +139,8 @@ def test_ties_alpha_scales_linearly(seed, k, alpha):
     g = torch.Generator().manual_seed(seed)
     theta0 = {"w": randn(g, 3, 7), "b": randn(g, 7)}
     deltas = [{key: randn(g, *v.shape) for key, v in theta0.items()} for _ in range(3)]
-    one = ties.merge(theta0, deltas, TiesParams(k=k, alpha=1.0))
-    scaled = ties.merge(theta0, deltas, TiesParams(k=k, alpha=alpha))
+    one = ties_merge(theta0, deltas, TiesParams(k=k, alpha=1.0))
+    scaled = ties_merge(theta0, deltas, TiesParams(k=k, alpha=alpha))
     for key, start in theta0.items():
         torch.testing.assert_close(scaled[key] - start, alpha * (one[key] - start), rtol=1e-10, atol=1e-12)
 
@@ -129,7 +173,7 @@ def test_regmean_is_the_least_squares_weight(layer):
     theta0, pieces = linear_model(g, d_out, d_in)
     deltas = deltas_of(g, theta0, tasks)
     xs = [randn(g, d_in + 2, d_in) for _ in range(tasks)]  # full column rank stacked
-    out = regmean.merge(
+    out = regmean_merge(
         theta0, deltas, RegMeanParams(nondiagonal_scale=1.0), pieces, [{"x": LayerInput(rows=x)} for x in xs]
     )
     targets = torch.cat([x @ (theta0["w"] + d["w"]).T for x, d in zip(xs, deltas)])
@@ -144,7 +188,7 @@ def test_regmean_diagonal_hand_example():
     theta0 = {"w": torch.zeros(1, 2, dtype=F64)}
     deltas = [{"w": torch.tensor([[1.0, 1.0]], dtype=F64)}, {"w": torch.tensor([[4.0, 7.0]], dtype=F64)}]
     pieces = [Piece("w", "w", "linear", "x", 0, 1)]
-    out = regmean.merge(
+    out = regmean_merge(
         theta0,
         deltas,
         RegMeanParams(nondiagonal_scale=0.0),
@@ -164,7 +208,7 @@ def test_regmean_half_scaled_off_diagonals_hand_example():
     grams = [{"x": LayerInput(gram=torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=F64))},
              {"x": LayerInput(gram=torch.tensor([[1.0, 0.5], [0.5, 1.0]], dtype=F64))}]
     pieces = [Piece("w", "w", "linear", "x", 0, 1)]
-    out = regmean.merge(theta0, deltas, RegMeanParams(nondiagonal_scale=0.5, alpha=2.0), pieces, grams)
+    out = regmean_merge(theta0, deltas, RegMeanParams(nondiagonal_scale=0.5, alpha=2.0), pieces, grams)
     expected_w = torch.tensor([[1.0 + 2.0 * 42 / 61, -1.0 + 2.0 * 15 / 61]], dtype=F64)
     torch.testing.assert_close(out["w"], expected_w, rtol=0, atol=1e-12)
     torch.testing.assert_close(out["b"], torch.tensor([2.0 * 2.0], dtype=F64), rtol=0, atol=1e-12)  # alpha * mean
@@ -178,7 +222,7 @@ def test_regmean_without_off_diagonals_is_the_per_column_weighted_mean(layer):
     theta0, pieces = linear_model(g, d_out, d_in)
     deltas = deltas_of(g, theta0, tasks)
     xs = [randn(g, 3, d_in) for _ in range(tasks)]
-    out = regmean.merge(
+    out = regmean_merge(
         theta0, deltas, RegMeanParams(nondiagonal_scale=0.0), pieces, [{"x": LayerInput(rows=x)} for x in xs]
     )
     diags = [(x * x).sum(dim=0) for x in xs]  # G_i[jj]
@@ -196,10 +240,10 @@ def test_regmean_rows_and_gram_agree_and_identical_experts_come_back(layer, scal
     xs = [randn(g, d_in + 1, d_in) for _ in range(tasks)]
     deltas = deltas_of(g, theta0, tasks)
     params = RegMeanParams(nondiagonal_scale=scale)
-    by_rows = regmean.merge(theta0, deltas, params, pieces, [{"x": LayerInput(rows=x)} for x in xs])
-    by_gram = regmean.merge(theta0, deltas, params, pieces, [{"x": LayerInput(gram=x.T @ x)} for x in xs])
+    by_rows = regmean_merge(theta0, deltas, params, pieces, [{"x": LayerInput(rows=x)} for x in xs])
+    by_gram = regmean_merge(theta0, deltas, params, pieces, [{"x": LayerInput(gram=x.T @ x)} for x in xs])
     torch.testing.assert_close(by_rows["w"], by_gram["w"], rtol=1e-9, atol=1e-9)
-    same = regmean.merge(theta0, [deltas[0]] * tasks, params, pieces, [{"x": LayerInput(rows=x)} for x in xs])
+    same = regmean_merge(theta0, [deltas[0]] * tasks, params, pieces, [{"x": LayerInput(rows=x)} for x in xs])
     for key in ("w", "b"):
         torch.testing.assert_close(same[key], theta0[key] + deltas[0][key], rtol=1e-9, atol=1e-9)
 
@@ -210,7 +254,7 @@ def test_regmean_averages_other_params_and_keeps_dtypes():
     theta0["emb"] = torch.randn(5, 4, generator=g)  # a 2-D weight without a piece: averaged too
     deltas = deltas_of(g, theta0, 3)
     inputs = [{"x": LayerInput(rows=randn(g, 6, 4))} for _ in range(3)]
-    out = regmean.merge(theta0, deltas, RegMeanParams(), pieces, inputs)
+    out = regmean_merge(theta0, deltas, RegMeanParams(), pieces, inputs)
     for key in ("b", "emb"):
         expected = (theta0[key].double() + sum(d[key] for d in deltas) / 3).float()
         assert out[key].dtype == torch.float32
@@ -226,7 +270,7 @@ def test_regmean_solves_each_row_block_with_its_own_input():
     pieces = [Piece("qkv[a]", "qkv", "linear", "x", 0, 2), Piece("qkv[b]", "qkv", "linear", "y", 2, 4)]
     deltas = deltas_of(g, theta0, 2)
     inputs = [{"x": LayerInput(rows=randn(g, 5, 3)), "y": LayerInput(rows=randn(g, 5, 3))} for _ in range(2)]
-    out = regmean.merge(theta0, deltas, RegMeanParams(nondiagonal_scale=1.0), pieces, inputs)
+    out = regmean_merge(theta0, deltas, RegMeanParams(nondiagonal_scale=1.0), pieces, inputs)
     for piece in pieces:
         xs = [inp[piece.input].rows for inp in inputs]
         targets = torch.cat([x @ piece.of(theta0["qkv"] + d["qkv"]).T for x, d in zip(xs, deltas)])
@@ -240,7 +284,7 @@ def test_regmean_conv_kernel_is_a_linear_map_on_patches():
     pieces = [Piece("conv", "conv", "linear", "patches", 0, 4)]
     deltas = deltas_of(g, theta0, 2)
     xs = [randn(g, 10, 8) for _ in range(2)]
-    out = regmean.merge(
+    out = regmean_merge(
         theta0, deltas, RegMeanParams(nondiagonal_scale=1.0), pieces, [{"patches": LayerInput(rows=x)} for x in xs]
     )
     assert out["conv"].shape == (4, 2, 2, 2)
@@ -254,7 +298,7 @@ def test_regmean_directions_no_input_reaches_keep_theta0():
     theta0, pieces = linear_model(g, 3, 6)
     deltas = deltas_of(g, theta0, 2)
     xs = [randn(g, 2, 6) for _ in range(2)]  # 4 rows in total: sum G has rank 4 < 6
-    out = regmean.merge(
+    out = regmean_merge(
         theta0, deltas, RegMeanParams(nondiagonal_scale=1.0), pieces, [{"x": LayerInput(rows=x)} for x in xs]
     )
     assert torch.isfinite(out["w"]).all()
@@ -274,11 +318,11 @@ def test_regmean_errors_name_the_piece_and_input():
     good = {"x": LayerInput(rows=randn(g, 4, 3))}
     names = ["features/a.safetensors", "features/b.safetensors"]
     with pytest.raises(ArtifactError, match=r"features/b.safetensors: no RegMean input 'x' \(needed by w\)"):
-        regmean.merge(theta0, deltas, RegMeanParams(), pieces, [good, {"other": good["x"]}], names)
+        regmean_merge(theta0, deltas, RegMeanParams(), pieces, [good, {"other": good["x"]}], names)
     with pytest.raises(ArtifactError, match=r"^task 1: RegMean input 'x' of w has Gram \(5, 5\).*d_in = 3"):
-        regmean.merge(theta0, deltas, RegMeanParams(), pieces, [good, {"x": LayerInput(gram=torch.eye(5, dtype=F64))}])
+        regmean_merge(theta0, deltas, RegMeanParams(), pieces, [good, {"x": LayerInput(gram=torch.eye(5, dtype=F64))}])
     with pytest.raises(ValueError, match="1 input sets for 2 task vectors"):
-        regmean.merge(theta0, deltas, RegMeanParams(), pieces, [good])
+        regmean_merge(theta0, deltas, RegMeanParams(), pieces, [good])
 
 
 # ---- PCB -------------------------------------------------------------------------------------
@@ -309,14 +353,14 @@ def test_pcb_hand_example():
     kept0 = (w1 * 1.0 + w2 * 2.0) / (w1 + w2)  # = 1.81080
     merged = torch.tensor([kept0, 2.0, 1.0], dtype=F64)  # entries 1 and 2: one task left each
     theta0 = {"w": torch.tensor([0.5, 0.0, -1.0], dtype=F64)}
-    out = pcb.merge(theta0, [{"w": taus[0]}, {"w": taus[1]}], PcbParams(drop_ratio=0.4, alpha=0.5))
+    out = pcb_merge(theta0, [{"w": taus[0]}, {"w": taus[1]}], PcbParams(drop_ratio=0.4, alpha=0.5))
     torch.testing.assert_close(out["w"], theta0["w"] + 0.5 * merged, rtol=1e-12, atol=1e-12)
     assert kept0 == pytest.approx(1.8107969, abs=1e-7)
 
 
 def test_pcb_drop_ties_keep_the_lower_index():
     taus = torch.ones(2, 4, dtype=F64)  # every beta equal
-    out = pcb.merge({"w": torch.zeros(4)}, [{"w": taus[0]}, {"w": taus[1]}], PcbParams(drop_ratio=0.5, alpha=1.0))
+    out = pcb_merge({"w": torch.zeros(4)}, [{"w": taus[0]}, {"w": taus[1]}], PcbParams(drop_ratio=0.5, alpha=1.0))
     assert torch.equal(out["w"], torch.tensor([1.0, 1.0, 0.0, 0.0]))
     assert int(pcb.drop(torch.ones(1, 100, dtype=F64), 0.29).count_nonzero()) == 71  # 29 dropped, not floor(28.99..)
 
@@ -332,7 +376,7 @@ def test_pcb_without_drop_keeps_every_entry(case):
     taus = randn(g, tasks, d)
     beta = pcb.balance(taus)
     assert (beta > 0).all() and torch.equal(pcb.drop(beta, 0.0), beta)
-    out = pcb.merge({"w": torch.zeros(d, dtype=F64)}, [{"w": t} for t in taus], PcbParams(drop_ratio=0.0, alpha=1.0))
+    out = pcb_merge({"w": torch.zeros(d, dtype=F64)}, [{"w": t} for t in taus], PcbParams(drop_ratio=0.0, alpha=1.0))
     weights = beta / beta.max(dim=1, keepdim=True).values  # each task's scores over its maximum
     torch.testing.assert_close(out["w"], (weights * taus).sum(0) / weights.sum(0), rtol=1e-12, atol=1e-12)
     # every task weighs in: a convex combination with positive weights
@@ -346,12 +390,12 @@ def test_pcb_identical_task_vectors_give_that_vector(case, ratio, alpha):
     seed, tasks, d = case
     g = torch.Generator().manual_seed(seed)
     tau, theta0 = randn(g, d), randn(g, d)
-    out = pcb.merge({"w": theta0}, [{"w": tau}] * tasks, PcbParams(drop_ratio=ratio, alpha=alpha))
+    out = pcb_merge({"w": theta0}, [{"w": tau}] * tasks, PcbParams(drop_ratio=ratio, alpha=alpha))
     moved = out["w"] - theta0
     kept = moved != 0
     assert int(kept.sum()) == d - int(ratio * d + 1e-9)  # floor(r d) entries dropped
     torch.testing.assert_close(moved[kept], alpha * tau[kept], rtol=1e-12, atol=1e-12)
-    full = pcb.merge({"w": theta0}, [{"w": tau}] * tasks, PcbParams(drop_ratio=0.0, alpha=alpha))
+    full = pcb_merge({"w": theta0}, [{"w": tau}] * tasks, PcbParams(drop_ratio=0.0, alpha=alpha))
     torch.testing.assert_close(full["w"], theta0 + alpha * tau, rtol=1e-12, atol=1e-12)
 
 
@@ -363,7 +407,7 @@ def test_pcb_is_deterministic_and_ignores_task_order(case, ratio):
     theta0 = {"w": randn(g, 2, d).float(), "steps": torch.tensor(1)}
     deltas = [{"w": randn(g, 2, d)} for _ in range(tasks)]
     params = PcbParams(drop_ratio=ratio, alpha=0.7)
-    first, second = pcb.merge(theta0, deltas, params), pcb.merge(theta0, deltas, params)
+    first, second = pcb_merge(theta0, deltas, params), pcb_merge(theta0, deltas, params)
     assert first["w"].dtype == torch.float32 and torch.equal(first["w"], second["w"])
     assert torch.equal(first["steps"], theta0["steps"])
-    torch.testing.assert_close(pcb.merge(theta0, deltas[::-1], params)["w"], first["w"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pcb_merge(theta0, deltas[::-1], params)["w"], first["w"], rtol=1e-6, atol=1e-6)

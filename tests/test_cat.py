@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 from catmerge import cat
 from catmerge.adapters import open_clip_vit
-from catmerge.merging import merge_method
-from catmerge.params import CatParams, MergeParams
+from catmerge.merging import MergeInputs, merge_method
+from catmerge.merging.cat import CatParams
+from catmerge.merging.task_arithmetic import TaskArithmeticParams
 from catmerge.task_vectors import sum_task_vectors
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -274,8 +275,8 @@ def test_c_zero_is_task_arithmetic_bit_for_bit(qkv):
     ta_sum = sum_task_vectors(tvs)
     for key in ta_sum:
         assert torch.equal(cat_sum[key], ta_sum[key]), key
-    merged = merge_method("task_arithmetic")(theta0, tvs, MergeParams(methods=["task_arithmetic"], alpha=0.3))
-    cat_merged = merge_method("cat")(theta0, tvs, CatParams(alpha=0.3), (pieces, removals))
+    merged = merge_method("task_arithmetic")(theta0, tvs, TaskArithmeticParams(alpha=0.3))
+    cat_merged = merge_method("cat")(theta0, tvs, CatParams(alpha=0.3), MergeInputs(removals=(pieces, removals)))
     assert all(torch.equal(merged[k], cat_merged[k]) for k in merged)
 
 
@@ -286,11 +287,11 @@ def test_float32_task_vectors_merge_and_c_zero_is_still_task_arithmetic():
     pieces = open_clip_vit.pieces({k: tuple(v.shape) for k, v in theta0.items()}, "split")
     for c in (0, 2):
         removals, _ = cat.model_removals(pieces, tvs32, features, cat.Settings(c=c, lam=1.0, c_norm=c, lambda_norm=1.0, c_shift=c))
-        cat_merged = merge_method("cat")(theta0, tvs32, CatParams(alpha=0.3), (pieces, removals))
+        cat_merged = merge_method("cat")(theta0, tvs32, CatParams(alpha=0.3), MergeInputs(removals=(pieces, removals)))
         assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in cat_merged.values())
-    ta = merge_method("task_arithmetic")(theta0, tvs32, MergeParams(methods=["task_arithmetic"], alpha=0.3))
+    ta = merge_method("task_arithmetic")(theta0, tvs32, TaskArithmeticParams(alpha=0.3))
     removals, _ = cat.model_removals(pieces, tvs32, features, cat.Settings(c=0, lam=1.0, c_norm=0, lambda_norm=1.0, c_shift=0))
-    zero = merge_method("cat")(theta0, tvs32, CatParams(alpha=0.3), (pieces, removals))
+    zero = merge_method("cat")(theta0, tvs32, CatParams(alpha=0.3), MergeInputs(removals=(pieces, removals)))
     assert all(torch.equal(ta[k], zero[k]) for k in ta)
 
 

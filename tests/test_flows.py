@@ -77,7 +77,7 @@ def test_alpha_override_reruns_merge_and_evaluate_and_saves_an_experiment(flow_p
     from flows.pipeline import pipeline
 
     project, _ = flow_project
-    result = pipeline(str(project), overrides=["merge.alpha=0.5"], experiment="alpha-half")
+    result = pipeline(str(project), overrides=["task_arithmetic.alpha=0.5"], experiment="alpha-half")
     assert result["ran"] == ["select", "merge", "evaluate", "report"]
     assert "merge:\n  methods:" in (project / "params.yaml").read_text() and "alpha: 0.5" in (project / "params.yaml").read_text()
     experiments = run(DVC + ["exp", "list", "--name-only"], project).stdout.split()
@@ -127,7 +127,7 @@ def test_a_second_flow_is_refused_while_one_holds_the_workspace(flow_project):
     before = artifact_hashes(project)
     with workspace_lock(project, command="flow catmerge-pipeline (the first)"), \
             pytest.raises(WorkspaceBusy, match=r"workspace busy: .* in use by pid \d+ \(flow catmerge-pipeline \(the first\)"):
-        pipeline(str(project), overrides=["merge.alpha=0.9"])
+        pipeline(str(project), overrides=["task_arithmetic.alpha=0.9"])
     assert (project / "params.yaml").read_text() == params_before  # the override never landed
     assert artifact_hashes(project) == before
 
@@ -156,8 +156,8 @@ def test_schedule_deployment_carries_the_cron_and_params(flow_project):
     from flows.serve import deployment
 
     project, _ = flow_project
-    deployment_ = deployment("nightly", "0 3 * * *", str(project), ["merge.alpha=0.4"])
-    assert deployment_.parameters == {"project": str(project.resolve()), "overrides": ["merge.alpha=0.4"]}
+    deployment_ = deployment("nightly", "0 3 * * *", str(project), ["task_arithmetic.alpha=0.4"])
+    assert deployment_.parameters == {"project": str(project.resolve()), "overrides": ["task_arithmetic.alpha=0.4"]}
     assert [s.schedule.cron for s in deployment_.schedules] == ["0 3 * * *"]
 
 

@@ -10,7 +10,7 @@ from catmerge import cat
 from catmerge.adapters import adapter_for, hf_bert
 from catmerge.features import compress, layer_inputs
 from catmerge.merging import cat as cat_merge
-from catmerge.params import CatParams
+from catmerge.merging.cat import CatParams
 
 SENTENCES = [["a cat.", "merging models without training is cheap"],
              ["the stock market fell sharply today", "she plays the violin beautifully in the evening"]]

@@ -11,8 +11,8 @@ from catmerge import cat
 from catmerge.adapters import adapter_for, hf_clip_vision
 from catmerge.features import capture, layer_inputs
 from catmerge.merging import cat as cat_merge
+from catmerge.merging.cat import CatParams
 from catmerge.models import create_image_tower
-from catmerge.params import CatParams
 from catmerge.task_vectors import apply_task_vector
 
 PREFIX = "vision_model."

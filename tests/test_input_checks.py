@@ -17,8 +17,8 @@ from catmerge.features import layer_inputs, load_features
 from catmerge.hub_datasets import HubTask, load_split
 from catmerge.io import ArtifactError, LazyWeights, WeightsFile, save_weights
 from catmerge.merging import cat as cat_merge
+from catmerge.merging.cat import CatParams
 from catmerge.models import copy_weights, load_into
-from catmerge.params import CatParams
 from catmerge.task_vectors import task_vector
 
 BAD = [float("nan"), float("inf"), float("-inf")]

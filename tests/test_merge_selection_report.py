@@ -39,7 +39,7 @@ def run_select(project: Path) -> str:
 def test_selection_never_reads_a_test_split(micro_project, project_copy):
     # Every test split is gone and the cache is empty: each candidate is scored again, from val only.
     output = run_select(project_copy)
-    candidates = 1 + 1 + 4 + 1 + 2 + 1  # weight averaging, TA, ties 2x2, regmean, pcb 2, cat
+    candidates = 1 + 1 + 4 + 1 + 2 + 1 + 1 + 1 + 1  # weight averaging, TA, ties 2x2, regmean, pcb 2, tsv_m, iso_c, iso_cts, cat
     assert f"select: {candidates} candidates evaluated, 0 from the cache" in output
     assert json.loads((project_copy / "metrics/selection.json").read_text()) == json.loads(
         (micro_project / "metrics/selection.json").read_text()
@@ -53,7 +53,7 @@ def test_a_grid_extended_by_one_value_costs_one_evaluation(project_copy):
     params["select"]["pcb"]["alpha"].append(1.5)
     write_params(project_copy / "params.yaml", params)
     output = run_select(project_copy)
-    assert "select: 1 candidates evaluated, 10 from the cache" in output
+    assert "select: 1 candidates evaluated, 13 from the cache" in output
     selection = json.loads((project_copy / "metrics/selection.json").read_text())
     pcb = selection["methods"]["pcb"]
     assert [row["point"] for row in pcb["candidates"]] == [{"alpha": 0.5}, {"alpha": 1.0}, {"alpha": 1.5}]
@@ -106,12 +106,12 @@ def test_merge_uses_the_chosen_params_and_evaluate_decomposes_task_arithmetic(mi
     from catmerge.workspace import Workspace
 
     workspace = Workspace(load_params(micro_project / "params.yaml"), micro_project)
-    for method in ("ties", "regmean", "cat"):
+    for method in ("ties", "regmean", "tsv_m", "iso_cts", "cat"):
         chosen = next(r for r in selection["methods"][method]["candidates"] if r["point"] == selection["methods"][method]["chosen"])
         assert workspace.score(load_weights(micro_project / f"data/merged/{method}.safetensors"), "val") == chosen["scores"]
     metrics = json.loads((micro_project / "metrics/metrics.json").read_text())
     decomposition = json.loads((micro_project / "metrics/decomposition.json").read_text())
-    assert decomposition["alpha"] == MICRO_PARAMS["merge"]["alpha"]
+    assert decomposition["alpha"] == MICRO_PARAMS["task_arithmetic"]["alpha"]
     for task, row in decomposition["tasks"].items():
         # the decomposition's merged model is the Task Arithmetic model evaluate scored
         assert row["merged"] == metrics["accuracy"][task]["task_arithmetic"]

@@ -59,12 +59,12 @@ def test_repro_builds_everything_then_only_what_changed(micro_project, tmp_path)
     # Changing alphas reruns selection (the other methods' scores come from its cache) and what follows.
     merged = {m: (micro_project / f"data/merged/{m}.safetensors").read_bytes() for m in ("weight_averaging", "task_arithmetic", "cat")}
     params = yaml.safe_load((micro_project / "params.yaml").read_text())
-    params["merge"]["alpha"] = 0.5
+    params["task_arithmetic"]["alpha"] = 0.5
     params["cat"]["alpha"] = 0.5
     write_params(micro_project / "params.yaml", params)
     third = run(DVC + ["repro"], micro_project)
     assert ran_stages(third.stdout) == DOWNSTREAM
-    assert "select: 2 candidates evaluated, 8 from the cache" in third.stdout
+    assert "select: 2 candidates evaluated, 11 from the cache" in third.stdout
     # weight averaging does not depend on either alpha: same bytes; Task Arithmetic and CAT do
     assert (micro_project / "data/merged/weight_averaging.safetensors").read_bytes() == merged["weight_averaging"]
     for method in ("task_arithmetic", "cat"):

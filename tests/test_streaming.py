@@ -25,8 +25,8 @@ from catmerge.io import (
     save_weights,
     weights_writer,
 )
+from catmerge.merging import MergeInputs, merge, needs
 from catmerge.merging import cat as cat_merge
-from catmerge.merging import method_module
 from catmerge.params import load_params
 from catmerge.selection import chosen_params
 from catmerge.task_vectors import task_vector
@@ -114,14 +114,14 @@ def test_streamed_stages_give_the_in_memory_paths_bytes_on_the_micro_benchmark(m
     selection = json.loads((micro_project / "metrics/selection.json").read_text())
     for method in params.merge.methods:
         method_params = chosen_params(params, selection, method)
-        extra = ()
-        if method == "cat":
-            extra = (cat_merge.read_removals(data / "bases", params.tasks),)
-        elif method == "regmean":
+        inputs = MergeInputs()
+        if "removals" in needs(method):
+            inputs.removals = cat_merge.read_removals(data / "bases", params.tasks)
+        if "layer_inputs" in needs(method):
             shapes = {k: tuple(v.shape) for k, v in pretrained.items() if v.is_floating_point()}
-            fused = [q for q in get_adapter(info["adapter"]).pieces(shapes, "fused") if q.family == "linear"]
-            extra = (fused, [f[0] for f in features], [str(p) for p in paths])
-        merged = method_module(method).merge(pretrained, vectors, method_params, *extra)
+            inputs.pieces = [q for q in get_adapter(info["adapter"]).pieces(shapes, "fused") if q.family == "linear"]
+            inputs.layer_inputs, inputs.names = [f[0] for f in features], [str(p) for p in paths]
+        merged = merge(method, pretrained, vectors, method_params, inputs)
         assert isinstance(merged, dict)
         stored = data / f"merged/{method}.safetensors"
         save_weights(merged, tmp_path / "merged.safetensors", read_metadata(stored))

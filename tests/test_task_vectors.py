@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from catmerge.io import ArtifactError, load_weights
 from catmerge.merging import merge_method
-from catmerge.params import MergeParams
+from catmerge.merging.task_arithmetic import TaskArithmeticParams
 from catmerge.task_vectors import apply_task_vector, check_task_vector, task_vector
 
 SHAPES = {"w": (4, 3), "b": (4,), "ln.weight": (3,)}
@@ -27,9 +27,9 @@ def test_alpha_zero_is_pretrained_and_task_arithmetic_is_linear(seed, k, alpha):
     experts = [{n: v + 0.1 * random_state(seed + i + 1)[n] for n, v in theta0.items()} for i in range(k)]
     tvs = [task_vector(theta0, e) for e in experts]
     # alpha = 0 is the pretrained model (params.yaml refuses alpha <= 0; the method itself does not)
-    zero = merge_method("task_arithmetic")(theta0, tvs, MergeParams.model_construct(methods=["task_arithmetic"], alpha=0.0))
+    zero = merge_method("task_arithmetic")(theta0, tvs, TaskArithmeticParams.model_construct(alpha=0.0))
     assert all(torch.equal(zero[n], theta0[n]) for n in theta0)
-    merged = merge_method("task_arithmetic")(theta0, tvs, MergeParams(methods=["task_arithmetic"], alpha=alpha))
+    merged = merge_method("task_arithmetic")(theta0, tvs, TaskArithmeticParams(alpha=alpha))
     for n in theta0:
         expected = theta0[n].double() + alpha * sum(tv[n].double() for tv in tvs)
         torch.testing.assert_close(merged[n].double(), expected, rtol=1e-5, atol=1e-6)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import ConfigDict, Field
 
 from .. import cat
 from ..adapters import Piece, get_adapter
@@ -26,8 +28,7 @@ from ..io import (
     verify_manifest,
     write_json,
 )
-from ..params import ParamsError
-from ..task_vectors import apply_task_vector
+from ..params_base import ParamsError, Strict
 
 # The CAT params the bases stage reads (dvc.yaml lists the same); the others are read by features or merge.
 BASES_PARAMS = ("c", "lambda", "c_norm", "lambda_norm", "c_shift", "qkv", "conv", "drop_nonpositive", "shift_score", "precision")
@@ -35,15 +36,62 @@ MANIFEST = "manifest.json"
 DIAGNOSTICS = "diagnostics.json"
 
 
-def merged_vector(task_vectors: list[StateDict], params, removals) -> StateDict:
-    """sum_i trimmed T_i (independent of alpha); `removals` is (pieces, removals by piece name)."""
-    pieces, by_piece = removals
+class CatParams(Strict):
+    """CAT Merging (catmerge/cat.py). Stages: features (exemplars, feature_alpha), bases (c ...
+    shift_score), merge (alpha, rescale). `lambda` is also accepted as `lambda_` (a Python keyword)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    exemplars: int = Field(default=2, ge=1, description="unlabeled train images per task whose tokens are the feature rows")
+    feature_alpha: float = Field(default=1.0, gt=0, description="features come from theta_0 + feature_alpha * T_k")
+    c: int = Field(default=2, ge=0, description="removal directions per linear weight and task (Eq. 11)")
+    lambda_: float = Field(default=1.0, ge=0, alias="lambda", description="weight of task i's own signal in Eq. 10")
+    c_norm: int | None = Field(default=None, ge=0, description="coordinates masked per norm scale (Eq. 14); null = c")
+    lambda_norm: float | None = Field(default=None, ge=0, description="lambda of Eq. 13; null = lambda")
+    c_shift: int | None = Field(default=None, ge=0, description="coordinates masked per shift (Eq. 17); null = c")
+    qkv: Literal["split", "fused"] = "split"
+    conv: bool = Field(default=False, description="treat the patch embedding as a linear map on unfolded patches")
+    drop_nonpositive: bool = True
+    precision: Literal["float64", "float32"] = Field(default="float64", description="bases: precision of the linear weights' products and eigenproblems (float32: half the time, for large models)")
+    shift_score: Literal["others", "own"] = "others"
+    rescale: bool = Field(default=True, description="scale each trimmed linear weight / norm scale back to its norm")
+    alpha: float = Field(default=0.4, gt=0, description="scaling of the summed trimmed task vectors")
+
+
+PARAMS = CatParams
+NEEDS = frozenset({"removals"})
+
+
+def merged_vector(task_vectors: list[StateDict], params, inputs) -> StateDict:
+    """sum_i trimmed T_i (independent of alpha); `inputs.removals` is (pieces, removals by piece name)."""
+    pieces, by_piece = inputs.removals
     return cat.trimmed_sum(pieces, task_vectors, by_piece, params.rescale)
 
 
-def merge(pretrained: StateDict, task_vectors: list[StateDict], params, removals) -> StateDict:
-    """`params` has `alpha` and `rescale`; `removals` is (pieces, removals by piece name)."""
-    return apply_task_vector(pretrained, merged_vector(task_vectors, params, removals), params.alpha)
+def check_params(params) -> None:
+    """CAT's block (and grid) against the model and the data: exemplars the train split has, and
+    c's that leave something of each layer."""
+    from ..configs import model_config
+
+    p = params.cat
+    if params.datasets.max_train is not None and p.exemplars > params.datasets.max_train:
+        raise ValueError(f"cat.exemplars = {p.exemplars}: more than the {params.datasets.max_train} train images per task "
+                         f"that datasets.max_train keeps")
+    vision = model_config(params.model).get("vision_cfg", {})
+    width = vision.get("width", vision.get("hidden_size"))  # open_clip / transformers names
+    if width is None:
+        return  # the bases stage checks each layer's width itself
+    grid = params.select.get("cat", {})
+    for key in ("c", "c_norm", "c_shift"):
+        for where, value in [(f"cat.{key}", getattr(p, key))] + [(f"select.cat.{key}", v) for v in grid.get(key, [])]:
+            if not isinstance(value, int):
+                continue
+            if key == "c" and value >= width:  # B_k would span every direction: nothing of T_i would be kept
+                raise ValueError(f"{where} = {value}: must be less than {width}, the output width of the narrowest linear "
+                                 f"layer CAT trims in model {params.model}")
+            if value > width:
+                raise ValueError(f"{where} = {value}: more than the {width} coordinates of the narrowest norm scale "
+                                 f"or shift CAT masks in model {params.model}")
 
 
 def settings(p) -> cat.Settings:

@@ -29,9 +29,22 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 
 from ..io import StateDict, specs_of
-from ..task_vectors import apply_task_vector, per_tensor
+from ..params_base import Strict
+from ..task_vectors import per_tensor
+
+
+class PcbParams(Strict):
+    """PCB-Merging (Du et al., NeurIPS 2024): intra- and inter-task balancing, drop, rescale."""
+
+    drop_ratio: float = Field(default=0.9, ge=0, lt=1, description="fraction of each task vector's entries dropped, lowest balance first")
+    alpha: float = Field(default=1.0, gt=0, description="scaling of the merged task vector")
+
+
+PARAMS = PcbParams
+NEEDS = frozenset()
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -71,11 +84,8 @@ def merge_tensor(deltas: list[torch.Tensor], ratio: float) -> torch.Tensor:
     return merged.reshape(deltas[0].shape)
 
 
-def merged_vector(task_vectors: list[StateDict], params) -> StateDict:
+def merged_vector(task_vectors: list[StateDict], params, inputs=None) -> StateDict:
     """tau_m (independent of alpha); `params` is a PcbParams (drop_ratio: fraction dropped per tensor and task)."""
     specs = {key: (torch.float64, shape) for key, (_, shape) in specs_of(task_vectors[0]).items()}
     return per_tensor(specs, lambda key: merge_tensor([tv[key] for tv in task_vectors], params.drop_ratio), task_vectors)
 
-
-def merge(pretrained: StateDict, task_vectors: list[StateDict], params) -> StateDict:
-    return apply_task_vector(pretrained, merged_vector(task_vectors, params), params.alpha)

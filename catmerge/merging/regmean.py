@@ -13,11 +13,27 @@ Computed in float64, returned in theta_0's dtypes.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from ..adapters import Piece
 from ..cat import LayerInput
 from ..io import ArtifactError, StateDict, specs_of
-from ..task_vectors import apply_task_vector, per_tensor
+from ..params_base import Strict
+from ..task_vectors import per_tensor
+
+
+class RegMeanParams(Strict):
+    """RegMean (Jin et al., ICLR 2023): per linear layer, the weight that best matches every expert's
+    outputs on its own inputs; other parameters averaged."""
+
+    nondiagonal_scale: float = Field(
+        default=0.9, ge=0, le=1, description="off-diagonal entries of the Gram matrices are multiplied by this (1 = plain RegMean)"
+    )
+    alpha: float = Field(default=1.0, gt=0, description="scaling of the merged delta (1 = RegMean as published)")
+
+
+PARAMS = RegMeanParams
+NEEDS = frozenset({"layer_inputs"})
 
 
 def _gram(piece: Piece, inputs: list[dict[str, LayerInput]], d_in: int, scale: float, names: list[str]) -> list[torch.Tensor]:
@@ -47,18 +63,14 @@ def solve(deltas: list[torch.Tensor], grams: list[torch.Tensor]) -> torch.Tensor
     return torch.linalg.lstsq(total, rhs, driver="gelsd").solution.T
 
 
-def merged_vector(
-    task_vectors: list[StateDict],
-    params,
-    pieces: list[Piece],
-    inputs: list[dict[str, LayerInput]],
-    names: list[str] | None = None,
-) -> StateDict:
-    """The merged delta (independent of alpha). `inputs[k]` holds task k's captured inputs by name;
-    `names[k]` names them in errors (default "task k")."""
-    if len(inputs) != len(task_vectors):
-        raise ValueError(f"RegMean: {len(inputs)} input sets for {len(task_vectors)} task vectors")
-    names = names or [f"task {k}" for k in range(len(inputs))]
+def merged_vector(task_vectors: list[StateDict], params, inputs) -> StateDict:
+    """The merged delta (independent of alpha). `inputs.pieces` are the linear pieces (q/k/v fused),
+    `inputs.layer_inputs[k]` task k's captured inputs by name, `inputs.names[k]` names them in
+    errors (default "task k")."""
+    pieces, layer_inputs = inputs.pieces, inputs.layer_inputs
+    if len(layer_inputs) != len(task_vectors):
+        raise ValueError(f"RegMean: {len(layer_inputs)} input sets for {len(task_vectors)} task vectors")
+    names = inputs.names or [f"task {k}" for k in range(len(layer_inputs))]
     count = len(task_vectors)
     by_key: dict[str, list[Piece]] = {}
     for piece in pieces:
@@ -73,13 +85,9 @@ def merged_vector(
             shape = blocks[0].shape
             # A conv kernel (d_out, c, kh, kw) acts as a linear map on unfolded patches.
             deltas = [b.reshape(shape[0], -1) for b in blocks]
-            grams = _gram(piece, inputs, deltas[0].shape[1], params.nondiagonal_scale, names)
+            grams = _gram(piece, layer_inputs, deltas[0].shape[1], params.nondiagonal_scale, names)
             piece.of(out).copy_(solve(deltas, grams).reshape(shape))
         return out
 
     specs = {key: (torch.float64, shape) for key, (_, shape) in specs_of(task_vectors[0]).items()}
     return per_tensor(specs, merged, task_vectors)
-
-def merge(pretrained: StateDict, task_vectors: list[StateDict], params, pieces, inputs, names=None) -> StateDict:
-    """`params` is a RegMeanParams (nondiagonal_scale, alpha)."""
-    return apply_task_vector(pretrained, merged_vector(task_vectors, params, pieces, inputs, names), params.alpha)

@@ -1,12 +1,19 @@
-"""Task Arithmetic (paper Eq. 2): theta = theta_0 + alpha * sum_k T_k."""
+"""Task Arithmetic (Ilharco et al., ICLR 2023; CAT paper Eq. 2): theta = theta_0 + alpha * sum_k T_k."""
+
+from pydantic import Field
 
 from ..io import StateDict
-from ..task_vectors import apply_task_vector, sum_task_vectors
+from ..params_base import Strict
+from ..task_vectors import sum_task_vectors
 
 
-def merged_vector(task_vectors: list[StateDict], params=None) -> StateDict:
+class TaskArithmeticParams(Strict):
+    alpha: float = Field(default=0.3, gt=0, description="scaling of the summed task vectors (the authors choose it on val)")
+
+
+PARAMS = TaskArithmeticParams
+NEEDS = frozenset()
+
+
+def merged_vector(task_vectors: list[StateDict], params=None, inputs=None) -> StateDict:
     return sum_task_vectors(task_vectors)
-
-
-def merge(pretrained: StateDict, task_vectors: list[StateDict], params) -> StateDict:
-    return apply_task_vector(pretrained, merged_vector(task_vectors), params.alpha)
