@@ -4,7 +4,7 @@
                             exemplars={"mnist": images, ...}, model=tower, c=2, alpha=0.3)
 
 Any method of catmerge/merging, with its params by their params.yaml names. Methods that read layer
-inputs (CAT, RegMean) take a few unlabeled exemplars per task and the architecture as a module
+inputs (CAT, RegMean, RegMean++) take a few unlabeled exemplars per task and the architecture as a module
 (an open_clip visual tower, a transformers CLIPVisionModel or BertModel/RobertaModel): each task's
 inputs are captured on that task's own model, as the features stage does.
 """
@@ -76,7 +76,8 @@ def merge(
 
     Checkpoints are state dicts or safetensors files; `experts` maps task names to checkpoints (or
     is a list). `exemplars` ({task: inputs}) and `model` are needed by methods that read layer
-    inputs (cat, regmean). Everything is computed one tensor at a time; the result is in memory,
+    inputs (cat, regmean, regmean_plusplus); RegMean uses all the exemplars given, whatever its
+    `exemplars` param says. Everything is computed one tensor at a time; the result is in memory,
     in theta_0's dtypes."""
     chosen = method_params(method, **params)
     theta0 = _weights(pretrained, "pretrained")
@@ -93,9 +94,11 @@ def merge(
             raise ParamsError(f"{method} reads layer inputs: pass model= (the architecture, an nn.Module) and exemplars= "
                               f"{{task: inputs}} for every expert (missing: {missing or 'model'})")
         model = model.to(device).eval()
+        inputs.model, inputs.exemplars = model, [exemplars[t] for t in tasks]
         # each task's inputs on its own model: theta_0 + feature_alpha T_k (CAT's param; the expert for RegMean)
         scale = getattr(chosen, "feature_alpha", 1.0)
-        features = [capture_layer_inputs(model, apply_task_vector(theta0, tv, scale), exemplars[t]) for t, tv in zip(tasks, vectors)]
+        captured = wanted & {"layer_inputs", "removals"}
+        features = [capture_layer_inputs(model, apply_task_vector(theta0, tv, scale), exemplars[t]) for t, tv in zip(tasks, vectors)] if captured else []
         if "layer_inputs" in wanted:
             from .adapters import get_adapter
 

@@ -48,6 +48,7 @@ def inputs_digest(ws: Workspace) -> str:
             ws.path(layout.task_vector_path(task)),
             ws.path(layout.features_path(task)),
             ws.path(layout.dataset_dir(task) / f"{SPLIT}.parquet"),
+            ws.path(layout.dataset_dir(task) / "train.parquet"),  # the exemplars of RegMean and RegMean++
             ws.path(layout.expert_dir(task) / "head.safetensors"),
         ]
     device = ws.tower_device  # CPU scores keep their old keys; scores from a GPU are cached apart

@@ -28,6 +28,7 @@ class Workspace:
         self.root = Path(root)
         self._splits: dict[tuple[str, str], object] = {}
         self._removals: dict[str, tuple] = {}
+        self._layer_inputs: dict[int, tuple] = {}
         self._last_vector: tuple = (None, None)  # (method and params but alpha, tau_m): one model's worth
 
     def path(self, relative: Path) -> Path:
@@ -66,19 +67,44 @@ class Workspace:
 
     def merge_inputs(self, method: str, method_params) -> MergeInputs:
         """What `method` NEEDS beyond theta_0 and the task vectors, from this project's artifacts:
-        each task's linear-layer inputs (the features stage, q/k/v fused), CAT's removals."""
+        its exemplars (`<method>.exemplars` unlabeled train images per task, drawn as CAT's are)
+        and the tower, each task's linear-layer inputs on them through its expert, CAT's removals."""
         wanted = needs(method)
-        inputs = MergeInputs(names=[str(self.path(layout.features_path(t))) for t in self.params.tasks])
+        inputs = MergeInputs(names=[f"{self.path(layout.dataset_dir(t) / 'train.parquet')} (exemplars)" for t in self.params.tasks])
+        if wanted & {"layer_inputs", "exemplars"}:
+            inputs.model, inputs.exemplars = self.tower, self.exemplars(method_params.exemplars)
         if "layer_inputs" in wanted:
-            from .adapters import get_adapter
-
-            adapter = get_adapter(self.features[0][2].get("adapter", ""))
-            shapes = {k: shape for k, (dtype, shape) in self.pretrained.specs.items() if dtype.is_floating_point}
-            inputs.pieces = [p for p in adapter.pieces(shapes, "fused") if p.family == "linear"]
-            inputs.layer_inputs = [linear for linear, _, _ in self.features]
+            inputs.pieces, inputs.layer_inputs = self.expert_layer_inputs(method_params.exemplars)
         if "removals" in wanted:
             inputs.removals = self.removals(method_params)
         return inputs
+
+    def exemplars(self, count: int) -> list:
+        """Per task, `count` unlabeled train images, drawn with a seed from data_seed and the task
+        (the features stage's draw: CAT's exemplars are the first of them)."""
+        from .features import exemplar_indices
+
+        out = []
+        for task in self.params.tasks:
+            train = self.split(task, "train")
+            out.append(train.images[exemplar_indices(count, len(train.labels), self.params.data_seed, task)])
+        return out
+
+    def expert_layer_inputs(self, count: int) -> tuple[list, list]:
+        """(linear pieces, q/k/v fused; per task its linear-layer inputs on `count` exemplars
+        through its own expert), computed once per count."""
+        if count not in self._layer_inputs:
+            from .adapters import adapter_for
+            from .features import capture, layer_inputs
+
+            per_task = []
+            for tv, images, task in zip(self.task_vectors, self.exemplars(count), self.params.tasks):
+                tensors, _, _ = capture(self.tower, apply_task_vector(self.pretrained, tv), images)
+                per_task.append(layer_inputs(tensors, f"{task} exemplars")[0])
+            shapes = {k: shape for k, (dtype, shape) in self.pretrained.specs.items() if dtype.is_floating_point}
+            pieces = [p for p in adapter_for(self.tower).pieces(shapes, "fused") if p.family == "linear"]
+            self._layer_inputs[count] = (pieces, per_task)
+        return self._layer_inputs[count]
 
     def check_inputs(self, chosen: dict, split: str | None = None) -> None:
         """Every input the merges of `chosen` ({method: its params}) and scoring on `split` read,

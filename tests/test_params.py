@@ -127,3 +127,19 @@ def test_unreadable_params_files_give_one_line_naming_the_file(tmp_path, text, e
     with pytest.raises(ParamsError, match=expected) as caught:
         load_params(tmp_path / "params.yaml")
     assert "\n" not in str(caught.value)
+
+
+def test_every_method_block_is_a_param_of_the_stages_that_read_it():
+    """A method is one module plus its block in params.yaml; dvc.yaml must list the block for
+    select and merge, or editing it would not rerun them (and params.yaml must carry it)."""
+    import yaml
+
+    from catmerge.merging import METHOD_NAMES, method_module
+    from conftest import ROOT
+
+    blocks = {m for m in METHOD_NAMES if method_module(m).PARAMS is not None}
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for stage in ("select", "merge"):
+        assert blocks <= set(stages[stage]["params"]), (stage, blocks - set(stages[stage]["params"]))
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert blocks <= set(shipped) and set(shipped["merge"]["methods"]) == set(METHOD_NAMES)

@@ -3,7 +3,10 @@
 A method module declares
   PARAMS  its params block (a pydantic model; params.yaml key = the module name), or None;
   NEEDS   what it reads beyond theta_0 and the task vectors: a subset of
-          {"layer_inputs"}  each task's linear-layer inputs on its exemplars (the features stage),
+          {"layer_inputs"}  each task's linear-layer inputs on `params.exemplars` unlabeled train
+                            inputs of that task, through its expert (RegMean),
+          {"exemplars"}     those inputs themselves and the architecture, to run models the method
+                            builds (RegMean++),
           {"removals"}      CAT's removal bases and masks (the bases stage, or computed from features);
 and either
   merged_vector(task_vectors, params, inputs) -> tau_m   for theta_0 + params.alpha * tau_m methods
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from functools import cache
 from types import ModuleType
 
-NEEDS_KINDS = frozenset({"layer_inputs", "removals"})
+NEEDS_KINDS = frozenset({"layer_inputs", "exemplars", "removals"})
 # Found without importing them (validating params names the methods before torch is needed).
 METHOD_NAMES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
 
@@ -36,6 +39,8 @@ class MergeInputs:
     pieces: list | None = None  # linear pieces (q/k/v fused) whose inputs `layer_inputs` holds
     layer_inputs: list | None = None  # per task: {input name: LayerInput}
     removals: tuple | None = None  # CAT: (pieces, removals by piece name)
+    model: object | None = None  # the architecture (an nn.Module), for methods that run models
+    exemplars: list | None = None  # per task: its unlabeled inputs (uint8 images or a tokenized batch)
     names: list[str] | None = None  # how errors name each task's inputs
 
 

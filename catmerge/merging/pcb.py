@@ -1,32 +1,75 @@
 """PCB-Merging (Du et al., NeurIPS 2024, arXiv 2410.02396): parameter competition balancing.
-For N task vectors, per tensor (flattened to its d entries):
 
-  intra    beta_intra_i = Softmax(N * Norm(tau_i . tau_i))
-  inter    beta_inter_i = sum_{j=1..N} Softmax(Norm(tau_i . tau_j))          (j = i included)
-  PCB      beta_i = beta_intra_i . beta_inter_i
-  drop     beta^_i = beta_i on all but its floor(r d) lowest entries, 0 there  (r = drop_ratio)
-           beta^_i <- beta^_i / max(beta^_i)                                    (per task, see below)
-  rescale  tau_m = sum_i (beta^_i . tau_i) / sum_i beta^_i                     (0 where the sum is 0)
-  merge    theta = theta_0 + alpha * tau_m
+`variant: released` (the default) follows the authors' release (github.com/duguodong7/pcb-merging,
+`pcb-merging.py`, which its README names as the method; `nlp_source_code/utils/merge_utils.py`'s
+`task_para_att_merge` is the same function). For N task vectors tau_i, each flattened over the
+WHOLE model (every floating-point tensor; D entries), with c = clip_ratio, q = drop_ratio:
 
-From the paper: the four formulas, N as the intra temperature, the j = i term, and a drop of the
-ratio r of lowest scores per task vector. Chosen here (the formulas leave them open):
-  - the unit is one tensor, not the whole model: Norm, Softmax and the drop run over its entries;
-  - Norm is min-max scaling to [0, 1] over those entries (0 everywhere for a constant tensor);
-  - Softmax is over those entries, so each Softmax sums to 1 over the tensor;
-  - the drop removes exactly floor(r d) entries (so one always stays, r < 1); among equal scores
-    the higher flat index goes first (a stable descending sort keeps the lower index);
-  - each task's kept scores are divided by their maximum before the weighted average. A softmax
-    over a tensor's entries divides task i's scores by a sum that belongs to task i alone, which
-    would weigh whole tasks against each other at every entry; after this scaling that sum
-    cancels, and each task's most important entry has weight 1 (the authors' release also scales
-    each task's scores to [0, 1] after the drop).
-Computed in float64, returned in theta_0's dtypes.
+  clip     lo_i, hi_i = the floor(cD)-th and (floor((1-c)D) - 1)-th smallest |tau_i| (0-based)
+           a_i = clamp(|tau_i|, lo_i, hi_i);  t_i = sign(tau_i) a_i      (the merged values)
+           nu_i = (a_i - lo_i) / (hi_i - lo_i)                            (min-max of a_i, in [0, 1])
+  intra    exp(N nu_i^2)
+  inter    sum            tanh(tau_i . sum_j tau_j)                       (pcb-merging.py; unclipped tau)
+           normalized_sum tanh(tau_i . sum_j sign(tau_j) nu_j)            (vision_source_code/pcb.py)
+           pairwise       sum_j tanh(sign(tau_i) nu_i . sign(tau_j) nu_j) (vision_source_code/pcb_ES.py)
+  score    s_i = intra_i . inter_i                                        (signed)
+  drop     k_i = the floor(qD)-th smallest s_i, m_i = max s_i
+           w_i = (clamp(s_i, k_i, m_i) - k_i) / (m_i - k_i)               (0 at and below k_i, 1 at the top)
+  rescale  tau_m = sum_i w_i t_i / max(sum_i w_i, 1e-12)
+  merge    theta = theta_0 + alpha tau_m
+
+The release keeps the top pcb_ratio of the scores; drop_ratio = 1 - pcb_ratio. It scales each task
+by its own lambda_i inside the weighted average (tau_m = sum_i w_i lambda_i t_i / sum_i w_i), with
+lambda_i = 1.2 for all eight ViT-B/32 tasks in `vision_source_code/pcb.py` (or searched per task by
+an evolution strategy in [0.8, 1.3], `pcb_ES.py`); with one lambda for all tasks that is
+theta_0 + lambda tau_m, so alpha here is that lambda (the NLP code's non-ES path is literally
+theta_0 + lambda tau_m over a lambda grid). Defaults: pcb-merging.py's c = 0.0001 and its script's
+pcb_ratio = 0.05 (q = 0.95) and lambda = 1.2; the two vision scripts clip with c = 0.01.
+
+Where the paper and the release disagree (the paper's equations, Sec. 3):
+  - intra: the paper has Softmax(N Norm(tau_i . tau_i)); the code has exp(N Norm(|tau_i|)^2): no
+    softmax denominator, and Norm is taken of |tau| (after clipping) before squaring;
+  - inter: the paper has sum_j Softmax(Norm(tau_i . tau_j)); the code's three forms above use tanh,
+    pcb-merging.py of the raw product with the summed task vectors, so the score is negative where
+    tau_i disagrees with the sum and such entries drop first;
+  - the code clips each task vector's magnitudes to its [c, 1 - c] quantiles before everything and
+    merges the clipped values; the paper does not mention it;
+  - drop: the paper zeroes the scores below the (1 - r)D-th sorted value and keeps the others as
+    they are; the code raises them to that value and min-max normalises, so the weights are the
+    scores' excess over the threshold divided by the maximum's (the threshold entry itself gets 0);
+  - the final scale: the paper writes theta_0 + lambda tau_m; the code scales each task vector.
+  Both flatten the whole model (the paper's D is the model's parameter count).
+
+`variant: paper_per_tensor` is catmerge's earlier reading of the paper's equations, per tensor
+(flattened to its d entries), kept for comparison with the paper as written:
+
+  intra    beta_intra_i = Softmax(N Norm(tau_i . tau_i))     Norm: min-max to [0, 1] over the tensor
+  inter    beta_inter_i = sum_j Softmax(Norm(tau_i . tau_j)) Softmax: over the tensor's entries
+  drop     beta^_i = beta_intra_i . beta_inter_i with its floor(q d) lowest entries set to 0
+           (ties: the higher flat index drops first), then divided by its maximum
+  rescale  tau_m = sum_i beta^_i tau_i / sum_i beta^_i       (0 where the sum is 0)
+
+The division by the maximum is ours: a softmax over a tensor's entries divides task i's scores by a
+sum that belongs to task i alone, which would weigh whole tasks against each other at every entry.
+This variant ignores clip_ratio and inter.
+
+Exactness and memory (released): the whole-model order statistics (lo_i, hi_i, k_i, m_i) are found
+exactly without flattening the model: a radix select on the float64 bit patterns (16 bits per pass,
+for every task at once), reading one tensor of each task vector at a time, until the value's
+bucket holds at most GATHER_LIMIT entries, which are then sorted. That is about 2 passes over the
+task vectors for the clip and 2 to 3 for the scores (each recomputes the scores tensor by tensor),
+plus the merge; memory is one tensor per task plus the histograms and the gathered buckets.
+Indices: floor(x) after rounding x to 9 decimals (the release's int() of the float product; they
+differ only where float error puts the product just under an integer). Where the release divides
+0 by 0 (hi_i = lo_i, or m_i = k_i) we give 0. Computed in float64 (the release in the checkpoints'
+float32), returned in theta_0's dtypes.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -39,12 +82,186 @@ from ..task_vectors import per_tensor
 class PcbParams(Strict):
     """PCB-Merging (Du et al., NeurIPS 2024): intra- and inter-task balancing, drop, rescale."""
 
-    drop_ratio: float = Field(default=0.9, ge=0, lt=1, description="fraction of each task vector's entries dropped, lowest balance first")
-    alpha: float = Field(default=1.0, gt=0, description="scaling of the merged task vector")
+    variant: Literal["released", "paper_per_tensor"] = Field(
+        default="released", description="the authors' released code (whole model) or catmerge's per-tensor reading of the paper's equations"
+    )
+    drop_ratio: float = Field(
+        default=0.95, ge=0, lt=1, description="fraction of each task vector's entries dropped, lowest score first (the release's 1 - pcb_ratio)"
+    )
+    clip_ratio: float = Field(
+        default=0.0001, ge=0, lt=0.5, description="released: each task vector's magnitudes clipped to their [c, 1 - c] quantiles over the model"
+    )
+    inter: Literal["sum", "normalized_sum", "pairwise"] = Field(
+        default="sum", description="released: the inter-balancing form (pcb-merging.py, vision pcb.py, vision pcb_ES.py)"
+    )
+    alpha: float = Field(default=1.2, gt=0, description="scaling of the merged task vector (the release's lambda)")
 
 
 PARAMS = PcbParams
 NEEDS = frozenset()
+
+GATHER_LIMIT = 1 << 22  # a bucket of at most this many entries is sorted (32 MiB of float64)
+DIGIT_BITS = 16
+SHIFTS = (48, 32, 16, 0)
+LOW_BITS = 0x7FFF_FFFF_FFFF_FFFF
+RESCALE_FLOOR = 1e-12  # the release's clamp of the summed weights
+
+
+def floor_index(x: float) -> int:
+    """floor(x) after rounding to 9 decimals, so 0.29 * 100 is 29 and not floor(28.999999999999996)."""
+    return math.floor(round(x, 9))
+
+
+# ---- exact order statistics over the whole model, one tensor at a time ------------------------
+
+
+def ordered_bits(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys in the order of the float64 values (-0.0 taken as +0.0)."""
+    x = torch.where(x == 0, torch.zeros_like(x), x.double())
+    bits = x.view(torch.int64)
+    return torch.where(bits < 0, bits ^ LOW_BITS, bits)
+
+
+def value_of(key: int) -> float:
+    bits = key ^ LOW_BITS if key < 0 else key
+    return float(torch.tensor([bits], dtype=torch.int64).view(torch.float64))
+
+
+class _Query:
+    """One wanted order statistic: the rank-th smallest (0-based) of row `row`."""
+
+    def __init__(self, row: int, rank: int):
+        self.row, self.rank = row, rank
+        self.level = 0  # the digit the next histogram counts: bits SHIFTS[level] up
+        self.prefix: int | None = None  # the wanted entry's key >> SHIFTS[level] + DIGIT_BITS (level > 0)
+        self.gather = False  # next pass: sort the entries whose key >> SHIFTS[level] is `prefix`
+        self.value: float | None = None
+
+    def group(self) -> tuple:
+        """Queries with the same group read the same entries in the next pass."""
+        return (self.row, self.level, self.prefix, self.gather)
+
+    def settle(self, counts: torch.Tensor) -> None:
+        """After a histogram pass: the wanted entry's bucket, and the rank left inside it."""
+        below = torch.cumsum(counts, 0)
+        bucket = int((below > self.rank).nonzero()[0])
+        self.rank -= int(below[bucket] - counts[bucket])
+        digit = bucket - (1 << (DIGIT_BITS - 1)) if self.level == 0 else bucket
+        self.prefix = digit if self.prefix is None else (self.prefix << DIGIT_BITS) | digit
+        if SHIFTS[self.level] == 0:  # every bit known: that is the value
+            self.value = value_of(self.prefix)
+        elif int(counts[bucket]) <= GATHER_LIMIT:
+            self.gather = True
+        else:
+            self.level += 1
+
+
+def _histogram(bits: torch.Tensor, level: int, prefix: int | None) -> torch.Tensor:
+    shift = SHIFTS[level]
+    if prefix is not None:
+        bits = bits[(bits >> (shift + DIGIT_BITS)) == prefix]
+    if level == 0:
+        digits = (bits >> shift) + (1 << (DIGIT_BITS - 1))  # the top digit holds the sign: signed
+    else:
+        digits = (bits >> shift) & ((1 << DIGIT_BITS) - 1)
+    return torch.bincount(digits, minlength=1 << DIGIT_BITS)
+
+
+def order_statistics(rows: Callable[[str], torch.Tensor], keys: Sequence[str], wanted: Sequence[Sequence[int]]) -> list[list[float]]:
+    """wanted[r]: 0-based ranks among the values of row r over every key, where rows(key) is an
+    (R, d_key) float64 tensor (computed again on each pass). The exact values, in the order asked."""
+    queries = [[_Query(r, rank) for rank in ranks] for r, ranks in enumerate(wanted)]
+    pending = [q for row in queries for q in row]
+    while pending:
+        # per group: the gathered entries (a list of pieces), or the histogram so far
+        groups: dict[tuple, list | torch.Tensor] = {}
+        for q in pending:
+            groups[q.group()] = [] if q.gather else torch.zeros(1 << DIGIT_BITS, dtype=torch.int64)
+        for key in keys:
+            values = rows(key).reshape(len(wanted), -1)
+            bits = ordered_bits(values)
+            for (row, level, prefix, gather), found in groups.items():
+                if gather:
+                    found.append(values[row][(bits[row] >> SHIFTS[level]) == prefix])
+                else:
+                    found += _histogram(bits[row], level, prefix)
+        for q in pending:
+            found = groups[q.group()]
+            if q.gather:
+                q.value = float(torch.sort(torch.cat(found)).values[q.rank])
+            else:
+                q.settle(found)
+        pending = [q for q in pending if q.value is None]
+    return [[q.value for q in row] for row in queries]
+
+
+# ---- released ---------------------------------------------------------------------------------
+
+
+def clip_bounds(numel: int, ratio: float) -> tuple[int, int]:
+    """The release's clamp(x, min_ratio=c, max_ratio=c) over numel sorted entries: the 0-based ranks
+    of its lower and upper bound."""
+    return min(numel - 1, floor_index(numel * ratio)), max(0, min(numel - 1, floor_index(numel * (1 - ratio)) - 1))
+
+
+def released_scores(taus: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, inter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores s, clipped values t), both (N, d), for task vectors `taus` (N, d) with per-task clip
+    bounds lo, hi (N, 1)."""
+    n = taus.shape[0]
+    magnitude = torch.minimum(torch.maximum(taus.abs(), lo), hi)  # torch.clamp's order: max first
+    width = hi - lo
+    nu = torch.where(width > 0, (magnitude - lo) / torch.where(width > 0, width, torch.ones_like(width)), torch.zeros_like(magnitude))
+    intra = torch.exp(n * nu**2)
+    signed = torch.sign(taus) * nu
+    if inter == "sum":
+        cross = torch.tanh(taus * taus.sum(dim=0))
+    elif inter == "normalized_sum":
+        cross = torch.tanh(taus * signed.sum(dim=0))
+    else:  # pairwise
+        cross = torch.stack([torch.tanh(s * signed).sum(dim=0) for s in signed])
+    return intra * cross, torch.sign(taus) * magnitude
+
+
+def released_weights(scores: torch.Tensor, low: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """(clamp(s, low, top) - low) / (top - low) per task (0 where top == low)."""
+    width = top - low
+    safe = torch.where(width > 0, width, torch.ones_like(width))
+    return torch.where(width > 0, (torch.minimum(torch.maximum(scores, low), top) - low) / safe, torch.zeros_like(scores))
+
+
+def rescale(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return (weights * values).sum(dim=0) / weights.sum(dim=0).clamp(min=RESCALE_FLOOR)
+
+
+def released_merged_vector(task_vectors: list[StateDict], params: PcbParams) -> StateDict:
+    specs = {key: (torch.float64, shape) for key, (_, shape) in specs_of(task_vectors[0]).items()}
+    keys = list(specs)
+    n = len(task_vectors)
+    numel = sum(math.prod(shape) for _, shape in specs.values())
+
+    def stacked(key: str) -> torch.Tensor:
+        return torch.stack([tv[key].double().reshape(-1) for tv in task_vectors])
+
+    low_rank, high_rank = clip_bounds(numel, params.clip_ratio)
+    bounds = torch.tensor(order_statistics(lambda key: stacked(key).abs(), keys, [[low_rank, high_rank]] * n), dtype=torch.float64)
+    lo, hi = bounds[:, :1], bounds[:, 1:]
+
+    def scores(key: str) -> torch.Tensor:
+        return released_scores(stacked(key), lo, hi, params.inter)[0]
+
+    kept_from = min(numel - 1, floor_index(numel * params.drop_ratio))
+    limits = torch.tensor(order_statistics(scores, keys, [[kept_from, numel - 1]] * n), dtype=torch.float64)
+    low, top = limits[:, :1], limits[:, 1:]
+
+    def merged(key: str) -> torch.Tensor:
+        taus = stacked(key)
+        s, clipped = released_scores(taus, lo, hi, params.inter)
+        return rescale(released_weights(s, low, top), clipped).reshape(specs[key][1])
+
+    return per_tensor(specs, merged, task_vectors)
+
+
+# ---- paper_per_tensor (catmerge's earlier reading) ---------------------------------------------
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -63,8 +280,7 @@ def balance(taus: torch.Tensor) -> torch.Tensor:
 def drop(beta: torch.Tensor, ratio: float) -> torch.Tensor:
     """beta with each row's floor(ratio d) lowest entries set to 0 (ties: the higher index drops)."""
     d = beta.shape[1]
-    # Rounded first so that 0.29 of 100 entries drops 29 and not floor(28.999999999999996).
-    dropped = math.floor(round(ratio * d, 9))
+    dropped = floor_index(ratio * d)
     order = torch.sort(beta, dim=1, descending=True, stable=True).indices
     kept = torch.zeros_like(beta, dtype=torch.bool).scatter_(1, order[:, : d - dropped], True)
     return torch.where(kept, beta, torch.zeros_like(beta))
@@ -84,8 +300,12 @@ def merge_tensor(deltas: list[torch.Tensor], ratio: float) -> torch.Tensor:
     return merged.reshape(deltas[0].shape)
 
 
+# ---- the method ---------------------------------------------------------------------------------
+
+
 def merged_vector(task_vectors: list[StateDict], params, inputs=None) -> StateDict:
-    """tau_m (independent of alpha); `params` is a PcbParams (drop_ratio: fraction dropped per tensor and task)."""
+    """tau_m (independent of alpha); `params` is a PcbParams."""
+    if params.variant == "released":
+        return released_merged_vector(task_vectors, params)
     specs = {key: (torch.float64, shape) for key, (_, shape) in specs_of(task_vectors[0]).items()}
     return per_tensor(specs, lambda key: merge_tensor([tv[key] for tv in task_vectors], params.drop_ratio), task_vectors)
-

@@ -26,6 +26,7 @@ class RegMeanParams(Strict):
     """RegMean (Jin et al., ICLR 2023): per linear layer, the weight that best matches every expert's
     outputs on its own inputs; other parameters averaged."""
 
+    exemplars: int = Field(default=256, ge=1, description="unlabeled train inputs per task whose layer inputs give the Gram matrices (FusionBench's CLIP setup: 256)")
     nondiagonal_scale: float = Field(
         default=0.9, ge=0, le=1, description="off-diagonal entries of the Gram matrices are multiplied by this (1 = plain RegMean)"
     )
@@ -34,6 +35,17 @@ class RegMeanParams(Strict):
 
 PARAMS = RegMeanParams
 NEEDS = frozenset({"layer_inputs"})
+
+
+def check_params(params) -> None:
+    check_exemplar_budget(params, "regmean")
+
+
+def check_exemplar_budget(params, method: str) -> None:
+    """`<method>.exemplars` fits in the train images datasets.max_train keeps."""
+    count, cap = getattr(params, method).exemplars, params.datasets.max_train
+    if cap is not None and count > cap:
+        raise ValueError(f"{method}.exemplars = {count}: more than the {cap} train images per task that datasets.max_train keeps")
 
 
 def _gram(piece: Piece, inputs: list[dict[str, LayerInput]], d_in: int, scale: float, names: list[str]) -> list[torch.Tensor]:
