@@ -47,6 +47,7 @@ TSVM_FN = "fusion_bench.method.task_singular_vector.utils.TSVM_utils:compute_and
 ISO_C = "fusion_bench.method.isotropic_merging.iso:ISO_C_Merge"
 ISO_CTS = "fusion_bench.method.isotropic_merging.iso:ISO_CTS_Merge"
 ISO_CTS_FN = "fusion_bench.method.isotropic_merging.iso_utils:iso_cts"
+WUDI_FN = "fusion_bench.method.wudi.wudi:wudi_merging"  # its Adam lr is fixed at 1e-5
 
 
 # --- the oracle process -------------------------------------------------------------------------
@@ -659,3 +660,49 @@ def test_iso_cts_no_room_for_a_common_space(oracle):
     assert_agree({"h": ours["head.weight"]}, {"h": mean}, what="Iso-CTS fallback")
     theirs = oracle.call(ISO_CTS_FN, tvs, common_space_fraction=0.1, accelerator="cpu")["head.weight"]
     assert relative_gap(theirs, mean) > 0.1
+
+
+# --- WUDI ---------------------------------------------------------------------------------------
+
+def _oracle_wudi(oracle, tvs, iterations):
+    """FusionBench's `wudi_merging` on the CPU (its Adam lr is fixed at 1e-5): the merged task
+    vector. `WUDIMerging.run` only adds it to theta_0, and cannot run under the oracle's
+    `algorithm`, which holds torch.no_grad (its loss.backward() raises there)."""
+    return {key: value.detach() for key, value in oracle.call(WUDI_FN, tvs, accelerator="cpu", iter_num=iterations).items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_wudi(oracle, dtype):
+    """Every 2-D tensor (the positional embedding too) gets the Adam steps from the sum, the rest
+    the mean, no scaling after: catmerge's closed-form gradient takes the steps FusionBench's
+    autograd takes. FusionBench runs in the task vectors' dtype, catmerge in float64 whatever it is
+    given: on float32 task vectors the trajectories stay within float32 rounding (about 1e-6 of the
+    largest entry after 400 steps), so the merged vectors are compared too, not only the weights."""
+    theta0, tvs = tower(80, 3, dtype=dtype)
+    params = method_params("wudi", iterations=100, lr=1e-5)
+    ours = _catmerge_merge("wudi", theta0, tvs, params)
+    theirs = _oracle_wudi(oracle, tvs, 100)
+    assert_merged_agree(ours, {key: theta0[key] + theirs[key] for key in theta0}, theta0, f"WUDI {dtype}")
+    from catmerge.merging.wudi import merged_vector
+
+    assert_agree(merged_vector(tvs, params), theirs, what=f"WUDI {dtype}, merged vectors")
+    assert relative_gap(theirs["layer0.weight"], sum(tv["layer0.weight"] for tv in tvs)) > 1e-3  # the steps moved it
+
+
+def test_wudi_at_the_default_budget(oracle):
+    """FusionBench's config runs 400 steps (lr 1e-5), catmerge's defaults: still the same steps."""
+    theta0, tvs = tower(81, 3, shapes={"layer1.weight": (12, 16), "layer1.bias": (12,)})
+    ours = update(_catmerge_merge("wudi", theta0, tvs, method_params("wudi")), theta0)
+    assert_agree(ours, _oracle_wudi(oracle, tvs, 400), what="WUDI, 400 steps")
+
+
+def test_wudi_weight_one_expert_left_unchanged(oracle):
+    """Pinned: a task whose update of a weight is exactly 0 (a frozen weight) makes its loss term
+    0/0. FusionBench's weight comes out NaN; catmerge leaves the term out, which is the merge of
+    the other tasks."""
+    theta0, tvs = tower(82, 3, shapes={"layer0.weight": (16, 12)})
+    tvs[1]["layer0.weight"].zero_()
+    assert bool(_oracle_wudi(oracle, tvs, 3)["layer0.weight"].isnan().all())
+    params = method_params("wudi", iterations=3)
+    ours = update(_catmerge_merge("wudi", theta0, tvs, params), theta0)
+    assert torch.equal(ours["layer0.weight"], update(_catmerge_merge("wudi", theta0, tvs[:1] + tvs[2:], params), theta0)["layer0.weight"])

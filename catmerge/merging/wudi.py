@@ -17,18 +17,27 @@ The loss is quadratic, so its gradient is affine in tau and is computed in close
   grad L(tau) = 2 sum_i (tau - tau_i) G_i / s_i,   G_i = tau_i^T tau_i (n x n), s_i = ||tau_i||_F^2
               = g_0 + D A2,   D = tau - sum_i tau_i,   A2 = 2 sum_i G_i / s_i,
               g_0 = 2 sum_i (sum_{j != i} tau_j) tau_i^T tau_i / s_i   (the gradient at the start).
-A2 and g_0 are built once; each Adam step is then one (m x n)(n x n) product plus a handful of
-elementwise passes, instead of autograd's 2T products of (m x n)(n x m) forward and as many
-backward. Cost per matrix: 2 m n^2 (iterations + T) flops for the products, plus
-4 T m n min(m, n) for g_0, plus about 7 elementwise passes over m x n per step; memory: the T
-updates, A2 (n x n) and four m x n buffers. (Each step is exact; nothing is truncated.)
+(L is a convex quadratic: where sum_i G_i / s_i is invertible its minimiser is
+tau* = (sum_i tau_i G_i / s_i)(sum_i G_i / s_i)^-1, RegMean's formula with the task vectors' own
+Grams for the inputs'. Adam moves each entry by about lr per step, so the published budget is an
+early stop on the way there: lr and iterations are part of the method.)
+A2 and g_0 are built once; each Adam step is then one (m x n)(n x n) product (torch.addmm) and
+one pass of torch's fused Adam kernel over m x n (from FUSED_FROM entries), instead of autograd's
+2T products of (m x n)(n x m) forward, as many backward, and Adam's unfused elementwise passes.
+What bounds the cost, per matrix: 2 m n^2 (iterations + T) flops of products (the steps, and A2),
+plus at most 4 T m n min(m, n) for g_0, plus the Adam pass per step; memory: the T updates, A2
+(n x n) and four m x n buffers (D, its gradient, Adam's two moments). Nothing is truncated or
+approximated. Measured: 768 x 768 with 8 tasks, 400 steps, about 19 s on 2 cores shared with a
+load of 5.6 (47 ms a step while one 768^3 float64 product took 25 ms; autograd's step: 617 ms).
 
 Defaults: lr 1e-5 and 400 iterations, FusionBench 0.2.33's shipped configuration
-(`method/wudi/wudi.yaml`: iter_num 400; lr 1e-5 fixed in its code). The authors' released code
-uses Adam from the sum with 300 iterations (FusionBench's function default too; lr 2e-5 in their
-RoBERTa script). Computed in float64 like catmerge's other methods (the authors and FusionBench run
-in the checkpoints' dtype, float32, on a GPU), deterministic on the CPU: no randomness, a fixed
-order of operations.
+(`method/wudi/wudi.yaml`: iter_num 400; lr 1e-5 fixed in its code; its function's default is
+300). The authors' released RoBERTa script (nathanielyvo/WUDI-Merging, nlp_roberta/lamassu.py)
+runs 300 steps at lr 2e-5; their ViT script and the paper's text could not be read here.
+Computed in float64 like catmerge's other methods (the authors and FusionBench run in the
+checkpoints' dtype, float32, on a GPU; on float32 task vectors the two agree to about 1e-6 of the
+largest entry after 400 steps), deterministic on the CPU: no randomness, a fixed order of
+operations.
 
 Where this differs from the authors' code: a task whose update of a weight is exactly 0 (a frozen
 weight) has a loss term 0/0 there (FusionBench gets NaN everywhere in that weight); here it adds
@@ -36,8 +45,6 @@ nothing to the loss, and stays in the (unchanged) starting sum.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from pydantic import Field
@@ -48,6 +55,10 @@ from ..task_vectors import per_tensor
 from ._spectral import is_matrix, mean_of
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # Adam's (torch's defaults, which the authors use)
+# Weights this large use torch's fused Adam kernel: 2.5 to 6 times faster per step than the plain
+# path at 256 x 256 and up (2 cores); on tiny ones its parallel region alone costs more than the
+# step on a busy machine (ms). Both are torch's Adam; they differ by rounding (~1e-17 per step).
+FUSED_FROM = 4096
 
 
 class WudiParams(Strict):
@@ -105,17 +116,13 @@ def merge_matrix(deltas: list[torch.Tensor], iterations: int = 400, lr: float = 
     """tau after `iterations` Adam steps on L from sum_i tau_i (float64)."""
     start, g0, a2 = gradient_terms(deltas)
     moved = torch.zeros_like(start)  # D = tau - tau_0, kept apart so that rounding stays at D's scale
-    first, second = torch.zeros_like(start), torch.zeros_like(start)
-    grad, denom = torch.empty_like(start), torch.empty_like(start)
-    for step in range(1, iterations + 1):
-        torch.addmm(g0, moved, a2, out=grad)
-        first.lerp_(grad, 1 - BETA1)
-        second.mul_(BETA2).addcmul_(grad, grad, value=1 - BETA2)
-        # Adam's step lr m^ / (sqrt(v^) + eps) with both bias corrections folded into scalars
-        # (Kingma & Ba, section 2: the same update, two elementwise passes fewer)
-        correction2 = math.sqrt(1 - BETA2**step)
-        torch.sqrt(second, out=denom).add_(EPS * correction2)
-        moved.addcdiv_(first, denom, value=-lr * correction2 / (1 - BETA1**step))
+    moved.grad = torch.empty_like(start)
+    # torch's Adam; from FUSED_FROM entries its fused CPU kernel, the whole update in one
+    # elementwise pass (one parallel region, not one per op; below, the plain path never goes parallel)
+    adam = torch.optim.Adam([moved], lr=lr, betas=(BETA1, BETA2), eps=EPS, fused=moved.numel() >= FUSED_FROM)
+    for _ in range(iterations):
+        torch.addmm(g0, moved, a2, out=moved.grad)
+        adam.step()
     return start + moved
 
 
