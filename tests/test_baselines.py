@@ -4,7 +4,7 @@ comparison with FusionBench's code is test_oracle_fusionbench.py."""
 
 from __future__ import annotations
 
-from math import exp
+from math import exp, tanh
 
 import pytest
 import torch
@@ -326,88 +326,207 @@ def test_regmean_errors_name_the_piece_and_input():
 
 
 # ---- PCB -------------------------------------------------------------------------------------
+# The authors' released code, over the whole model (catmerge/merging/pcb.py).
 
 
-def softmax(values: list[float]) -> list[float]:
-    return [x / sum(values) for x in values]
+def released_reference(deltas: list[dict], params: PcbParams) -> dict:
+    """The released method written plainly: the whole model flattened into one row per task, sorted."""
+    keys = list(deltas[0])
+    taus = torch.stack([torch.cat([d[k].double().reshape(-1) for k in keys]) for d in deltas])
+    n, total = taus.shape
+    ordered = taus.abs().sort(dim=1).values
+    lo_rank, hi_rank = pcb.clip_bounds(total, params.clip_ratio)
+    lo, hi = ordered[:, lo_rank : lo_rank + 1], ordered[:, hi_rank : hi_rank + 1]
+    magnitude = torch.clamp(taus.abs(), lo, hi)
+    low_m, high_m = magnitude.min(dim=1, keepdim=True).values, magnitude.max(dim=1, keepdim=True).values
+    nu = torch.nan_to_num((magnitude - low_m) / (high_m - low_m), nan=0.0)  # the release's 0/0: 0 here
+    signed = taus.sign() * nu
+    if params.inter == "sum":
+        inter = torch.tanh(taus * taus.sum(0))
+    elif params.inter == "normalized_sum":
+        inter = torch.tanh(taus * signed.sum(0))
+    else:
+        inter = torch.stack([torch.tanh(signed[i] * signed).sum(0) for i in range(n)])
+    scores = torch.exp(n * nu**2) * inter
+    ranked = scores.sort(dim=1).values
+    low, top = ranked[:, min(total - 1, pcb.floor_index(total * params.drop_ratio))].unsqueeze(1), ranked[:, -1:]
+    clamped = torch.clamp(scores, low, top)
+    low, top = clamped.min(dim=1, keepdim=True).values, clamped.max(dim=1, keepdim=True).values
+    weights = torch.nan_to_num((clamped - low) / (top - low), nan=0.0)
+    merged = (weights * taus.sign() * magnitude).sum(0) / weights.sum(0).clamp(min=1e-12)
+    out, start = {}, 0
+    for k in keys:
+        out[k] = merged[start : start + deltas[0][k].numel()].reshape(deltas[0][k].shape)
+        start += deltas[0][k].numel()
+    return out
+
+
+def test_pcb_defaults_are_the_releases():
+    assert PcbParams().model_dump() == {"drop_ratio": 0.95, "clip_ratio": 0.0001, "inter": "sum", "alpha": 1.2}
+    assert pcb.clip_bounds(4, 0.25) == (1, 2)  # clamp(|x|, 2nd smallest, 3rd smallest) of 4
+    assert pcb.clip_bounds(10_000, 0.0001) == (1, 9998) and pcb.clip_bounds(1, 0.0001) == (0, 0)
+    assert pcb.clip_bounds(5, 0.0) == (0, 4)  # no clipping: the minimum and the maximum
 
 
 def test_pcb_hand_example():
-    t1, t2 = [1.0, 2.0, 0.0], [2.0, -1.0, 1.0]  # N = 2 tasks, d = 3 entries
-    # intra: Norm(t1*t1) = Norm([1, 4, 0]) = [0.25, 1, 0];  Norm(t2*t2) = Norm([4, 1, 1]) = [1, 0, 0]
-    intra1 = softmax([exp(2 * 0.25), exp(2 * 1.0), exp(0.0)])  # [0.16425, 0.73612, 0.09962]
-    intra2 = softmax([exp(2 * 1.0), exp(0.0), exp(0.0)])  # [0.78699, 0.10651, 0.10651]
-    # inter: Norm(t1*t2) = Norm([2, -2, 0]) = [1, 0, 0.5] for both i = 1 and i = 2
-    cross = softmax([exp(1.0), exp(0.0), exp(0.5)])  # [0.50648, 0.18632, 0.30720]
-    inter1 = [a + b for a, b in zip(softmax([exp(0.25), exp(1.0), exp(0.0)]), cross)]  # [0.76317, 0.72973, 0.50710]
-    inter2 = [a + b for a, b in zip(softmax([exp(1.0), exp(0.0), exp(0.0)]), cross)]  # [1.08260, 0.39827, 0.51914]
-    beta1 = [a * b for a, b in zip(intra1, inter1)]  # [0.12535, 0.53717, 0.05052] -> entry 2 dropped
-    beta2 = [a * b for a, b in zip(intra2, inter2)]  # [0.85199, 0.04242, 0.05529] -> entry 1 dropped
-    assert beta1 == pytest.approx([0.12535143, 0.53717181, 0.05051951], abs=1e-8)
-    assert beta2 == pytest.approx([0.85198895, 0.04241803, 0.05529176], abs=1e-8)
-    taus = torch.tensor([t1, t2], dtype=F64)
-    torch.testing.assert_close(pcb.balance(taus), torch.tensor([beta1, beta2], dtype=F64), rtol=1e-12, atol=0)
-    # drop_ratio 0.4 of 3 entries: floor(1.2) = 1 dropped per task; then each task's kept scores are
-    # divided by their maximum: task 1 by beta1[1] = 0.53717, task 2 by beta2[0] = 0.85199
-    w1, w2 = beta1[0] / beta1[1], beta2[0] / beta2[0]  # 0.23335, 1
-    kept0 = (w1 * 1.0 + w2 * 2.0) / (w1 + w2)  # = 1.81080
-    merged = torch.tensor([kept0, 2.0, 1.0], dtype=F64)  # entries 1 and 2: one task left each
-    theta0 = {"w": torch.tensor([0.5, 0.0, -1.0], dtype=F64)}
-    out = pcb_merge(theta0, [{"w": taus[0]}, {"w": taus[1]}], PcbParams(drop_ratio=0.4, alpha=0.5))
-    torch.testing.assert_close(out["w"], theta0["w"] + 0.5 * merged, rtol=1e-12, atol=1e-12)
-    assert kept0 == pytest.approx(1.8107969, abs=1e-7)
+    # N = 2 tasks, the model is two tensors of 2 entries (D = 4), clip_ratio 0 (no clipping)
+    t1, t2 = [0.5, -1.0, 0.0, 2.0], [1.0, 1.0, -1.0, 0.5]
+    # nu = min-max of |tau| over the model: |t1| in [0, 2] -> [0.25, 0.5, 0, 1]; |t2| in [0.5, 1] -> [1, 1, 1, 0]
+    # intra = exp(2 nu^2); inter = tanh(tau_i * (t1 + t2)), t1 + t2 = [1.5, 0, -1, 2.5]
+    s1 = [exp(2 * 0.0625) * tanh(0.75), 0.0, 0.0, exp(2.0) * tanh(5.0)]  # [0.71972, 0, 0, 7.38839]
+    s2 = [exp(2.0) * tanh(1.5), 0.0, exp(2.0) * tanh(1.0), tanh(1.25)]  # [6.68819, 0, 5.62746, 0.84828]
+    # drop_ratio 0.25: the threshold is each task's floor(0.25 * 4) = 1st smallest score (0-based)
+    k1, k2 = 0.0, s2[3]
+    w1 = [(s - k1) / (s1[3] - k1) for s in s1]  # [0.09741, 0, 0, 1]
+    w2 = [max(s - k2, 0.0) / (s2[0] - k2) for s in s2]  # [1, 0, 0.81837, 0]
+    assert w1 == pytest.approx([0.0974121, 0.0, 0.0, 1.0], abs=1e-7)
+    assert w2 == pytest.approx([1.0, 0.0, 0.8183654, 0.0], abs=1e-7)
+    merged = [(w1[0] * 0.5 + w2[0] * 1.0) / (w1[0] + w2[0]), 0.0, -1.0, 2.0]  # entry 1: no weight, 0
+    deltas = [{"w": torch.tensor(t[:2], dtype=F64), "b": torch.tensor(t[2:], dtype=F64)} for t in (t1, t2)]
+    theta0 = {"w": torch.tensor([0.5, 0.0], dtype=F64), "b": torch.tensor([-1.0, 3.0], dtype=F64)}
+    params = PcbParams(drop_ratio=0.25, clip_ratio=0.0, alpha=0.5)
+    out = pcb_merge(theta0, deltas, params)
+    torch.testing.assert_close(out["w"], theta0["w"] + 0.5 * torch.tensor(merged[:2], dtype=F64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out["b"], theta0["b"] + 0.5 * torch.tensor(merged[2:], dtype=F64), rtol=1e-12, atol=1e-12)
+    assert merged[0] == pytest.approx(0.9556174, abs=1e-7)
 
 
-def test_pcb_drop_ties_keep_the_lower_index():
-    taus = torch.ones(2, 4, dtype=F64)  # every beta equal
-    out = pcb_merge({"w": torch.zeros(4)}, [{"w": taus[0]}, {"w": taus[1]}], PcbParams(drop_ratio=0.5, alpha=1.0))
-    assert torch.equal(out["w"], torch.tensor([1.0, 1.0, 0.0, 0.0]))
-    assert int(pcb.drop(torch.ones(1, 100, dtype=F64), 0.29).count_nonzero()) == 71  # 29 dropped, not floor(28.99..)
+def test_pcb_clips_outliers_and_keeps_zeros():
+    # clip_ratio 0.25 of 4 entries: |tau| clamped to its 2nd and 3rd smallest values, 0.5 and 1
+    tau = torch.tensor([0.5, -1.0, 0.0, 2.0], dtype=F64)
+    (lo, hi), = pcb.order_statistics(lambda key: tau.abs().reshape(1, -1), ["w"], [list(pcb.clip_bounds(4, 0.25))], 4)
+    assert (lo, hi) == (0.5, 1.0)
+    scores, clipped = pcb.scores_of(tau.reshape(1, -1), torch.tensor([[lo]]), torch.tensor([[hi]]), "sum")
+    assert clipped.tolist() == [[0.5, -1.0, 0.0, 1.0]]  # the outlier 2 becomes 1; a zero stays zero
+    # one task: nu = [0, 1, 0, 1], intra = exp(nu^2), inter = tanh(tau * tau) of the unclipped tau
+    expected = [tanh(0.25), exp(1.0) * tanh(1.0), 0.0, exp(1.0) * tanh(4.0)]
+    torch.testing.assert_close(scores, torch.tensor([expected], dtype=F64), rtol=1e-12, atol=0)
+    # one task, drop_ratio 0.25: weights above the floor(0.25 * 4) = 1st smallest score (0-based),
+    # s[0] = tanh(0.25): entries 1 and 3 have weight, entry 0 (at the threshold) and 2 (below) none
+    out = pcb_merge({"w": torch.zeros(4, dtype=F64)}, [{"w": tau}], PcbParams(drop_ratio=0.25, clip_ratio=0.25, alpha=1.0))
+    assert out["w"].tolist() == [0.0, -1.0, 0.0, 1.0]  # a weighted mean of one value is that value
+    out = pcb_merge({"w": torch.zeros(4, dtype=F64)}, [{"w": tau}], PcbParams(drop_ratio=0.5, clip_ratio=0.25, alpha=1.0))
+    assert out["w"].tolist() == [0.0, 0.0, 0.0, 1.0]  # threshold s[1]: only the top entry keeps weight
 
 
+def test_pcb_statistics_are_the_whole_models():
+    # Scaling one tensor of every task vector moves the other tensor's merge: the clip bounds, the
+    # normalisation and the drop threshold are taken over the whole model, not per tensor.
+    g = torch.Generator().manual_seed(3)
+    deltas = [{"a": randn(g, 6, 5), "b": randn(g, 7)} for _ in range(3)]
+    louder = [{"a": d["a"], "b": 50 * d["b"]} for d in deltas]
+    params = PcbParams(drop_ratio=0.5, clip_ratio=0.05)
+    zeros = {"a": torch.zeros(6, 5, dtype=F64), "b": torch.zeros(7, dtype=F64)}
+    assert not torch.allclose(pcb_merge(zeros, deltas, params)["a"], pcb_merge(zeros, louder, params)["a"])
+    per_tensor = {k: released_reference([{k: d[k]} for d in deltas], params)[k] for k in ("a", "b")}
+    assert not torch.allclose(pcb_merge(zeros, deltas, params)["a"], 1.2 * per_tensor["a"])
+
+
+pcb_model = st.tuples(st.integers(0, 10_000), st.integers(1, 4), st.integers(1, 9), st.integers(1, 9))
 pcb_inputs = st.tuples(st.integers(0, 10_000), st.integers(1, 4), st.integers(1, 12))
 
 
 @SETTINGS
-@given(case=pcb_inputs)
-def test_pcb_without_drop_keeps_every_entry(case):
-    seed, tasks, d = case
+@given(case=pcb_model, drop=st.floats(0.0, 0.99), clip=st.floats(0.0, 0.49), inter=st.sampled_from(["sum", "normalized_sum", "pairwise"]), few=st.booleans())
+def test_pcb_equals_the_flattened_model(case, drop, clip, inter, few):
+    seed, tasks, rows, cols = case
     g = torch.Generator().manual_seed(seed)
-    taus = randn(g, tasks, d)
-    beta = pcb.balance(taus)
-    assert (beta > 0).all() and torch.equal(pcb.drop(beta, 0.0), beta)
-    out = pcb_merge({"w": torch.zeros(d, dtype=F64)}, [{"w": t} for t in taus], PcbParams(drop_ratio=0.0, alpha=1.0))
-    weights = beta / beta.max(dim=1, keepdim=True).values  # each task's scores over its maximum
-    torch.testing.assert_close(out["w"], (weights * taus).sum(0) / weights.sum(0), rtol=1e-12, atol=1e-12)
-    # every task weighs in: a convex combination with positive weights
-    low, high = taus.min(0).values, taus.max(0).values
-    assert ((out["w"] >= low - 1e-12) & (out["w"] <= high + 1e-12)).all()
+    # rounded values: repeated magnitudes and scores, zeros, and entries of both signs
+    deltas = [{"w": torch.round(randn(g, rows, cols) * 4) / 8, "b": torch.round(randn(g, cols) * 4) / 8} for _ in range(tasks)]
+    params = PcbParams(drop_ratio=drop, clip_ratio=clip, inter=inter, alpha=1.0)
+    expected = released_reference(deltas, params)
+    limit = pcb.GATHER_LIMIT
+    try:
+        if few:  # no bucket is small enough to sort: the radix select runs to the last bit
+            pcb.GATHER_LIMIT = 0
+        got = pcb.merged_vector(deltas, params)
+    finally:
+        pcb.GATHER_LIMIT = limit
+    for key in ("w", "b"):
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-12, atol=1e-12)
 
 
 @SETTINGS
-@given(case=pcb_inputs, ratio=st.floats(0.0, 0.95), alpha=st.floats(0.1, 3.0))
-def test_pcb_identical_task_vectors_give_that_vector(case, ratio, alpha):
+@given(seed=st.integers(0, 10_000), sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4), rows=st.integers(1, 3))
+def test_pcb_order_statistics_are_exact(seed, sizes, rows):
+    g = torch.Generator().manual_seed(seed)
+    # few distinct values, both signs, signed zeros, and magnitudes far apart
+    parts = {f"t{i}": torch.round(randn(g, rows, n) * 3) * torch.tensor(10.0, dtype=F64) ** torch.randint(-300, 300, (rows, n), generator=g) for i, n in enumerate(sizes)}
+    parts["t0"][0, 0] = -0.0
+    flat = torch.cat(list(parts.values()), dim=1).sort(dim=1).values
+    total = flat.shape[1]
+    ranks = [sorted({0, total - 1, *torch.randint(0, total, (3,), generator=g).tolist()}) for _ in range(rows)]
+    for limit in (pcb.GATHER_LIMIT, 3, 0):
+        old, pcb.GATHER_LIMIT = pcb.GATHER_LIMIT, limit
+        try:
+            got = pcb.order_statistics(lambda key: parts[key], list(parts), ranks, total)
+        finally:
+            pcb.GATHER_LIMIT = old
+        assert got == [[flat[row, rank].item() for rank in wanted] for row, wanted in enumerate(ranks)]
+
+
+@SETTINGS
+@given(case=pcb_inputs, drop=st.floats(0.0, 0.95), alpha=st.floats(0.1, 3.0))
+def test_pcb_identical_task_vectors_give_the_clipped_vector(case, drop, alpha):
     seed, tasks, d = case
     g = torch.Generator().manual_seed(seed)
     tau, theta0 = randn(g, d), randn(g, d)
-    out = pcb_merge({"w": theta0}, [{"w": tau}] * tasks, PcbParams(drop_ratio=ratio, alpha=alpha))
-    moved = out["w"] - theta0
-    kept = moved != 0
-    assert int(kept.sum()) == d - int(ratio * d + 1e-9)  # floor(r d) entries dropped
+    params = PcbParams(drop_ratio=drop, clip_ratio=0.0, alpha=alpha)
+    moved = pcb_merge({"w": theta0}, [{"w": tau}] * tasks, params)["w"] - theta0
+    # every task has the same weights, so each entry is its own value where kept, 0 where dropped;
+    # kept: the scores above the floor(drop d)-th smallest (none if that is the maximum)
+    lo, hi = tau.abs().min().reshape(1, 1), tau.abs().max().reshape(1, 1)
+    scores = pcb.scores_of(tau.expand(tasks, -1), lo, hi, "sum")[0][0]
+    ranked = scores.sort().values
+    kept = scores > ranked[min(d - 1, pcb.floor_index(d * drop))]
     torch.testing.assert_close(moved[kept], alpha * tau[kept], rtol=1e-12, atol=1e-12)
-    full = pcb_merge({"w": theta0}, [{"w": tau}] * tasks, PcbParams(drop_ratio=0.0, alpha=alpha))
-    torch.testing.assert_close(full["w"], theta0 + alpha * tau, rtol=1e-12, atol=1e-12)
+    assert torch.equal(moved[~kept], torch.zeros_like(moved[~kept]))
+    if drop == 0 and d > 1 and hi > lo:  # nothing dropped: all but the lowest score (the smallest |tau|) move
+        assert int(kept.sum()) == d - int((tau.abs() == lo).sum())
 
 
 @SETTINGS
-@given(case=pcb_inputs, ratio=st.floats(0.0, 0.95))
-def test_pcb_is_deterministic_and_ignores_task_order(case, ratio):
+@given(case=pcb_inputs, drop=st.floats(0.0, 0.95), inter=st.sampled_from(["sum", "normalized_sum", "pairwise"]))
+def test_pcb_ignores_task_order_and_is_linear_in_alpha(case, drop, inter):
     seed, tasks, d = case
     g = torch.Generator().manual_seed(seed)
     theta0 = {"w": randn(g, 2, d).float(), "steps": torch.tensor(1)}
     deltas = [{"w": randn(g, 2, d)} for _ in range(tasks)]
-    params = PcbParams(drop_ratio=ratio, alpha=0.7)
+    params = PcbParams(drop_ratio=drop, inter=inter, alpha=0.7)
     first, second = pcb_merge(theta0, deltas, params), pcb_merge(theta0, deltas, params)
     assert first["w"].dtype == torch.float32 and torch.equal(first["w"], second["w"])
     assert torch.equal(first["steps"], theta0["steps"])
     torch.testing.assert_close(pcb_merge(theta0, deltas[::-1], params)["w"], first["w"], rtol=1e-6, atol=1e-6)
+    tau_m = pcb.merged_vector(deltas, params)["w"]
+    torch.testing.assert_close(pcb.merged_vector(deltas[::-1], params)["w"], tau_m, rtol=1e-12, atol=1e-12)
+    double = pcb_merge({"w": theta0["w"].double()}, deltas, params.model_copy(update={"alpha": 1.4}))["w"]
+    torch.testing.assert_close(double, theta0["w"].double() + 1.4 * tau_m, rtol=1e-12, atol=1e-12)
+
+
+def test_pcb_degenerate_inputs_give_zero_not_nan():
+    zeros = {"w": torch.zeros(3, 2, dtype=F64)}
+    assert torch.equal(pcb_merge(zeros, [zeros, zeros], PcbParams())["w"], zeros["w"])  # all scores equal
+    const = {"w": torch.full((3, 2), 0.5, dtype=F64)}  # hi == lo: nu = 0; every score equal: no weight
+    assert torch.equal(pcb_merge(zeros, [const, const], PcbParams(drop_ratio=0.5))["w"], zeros["w"])
+
+
+def test_pcb_streams_from_files_as_in_memory(tmp_path, monkeypatch):
+    from catmerge.io import LazyWeights, WeightsFile, save_weights
+
+    g = torch.Generator().manual_seed(5)
+    theta0 = {"a": randn(g, 8, 3).float(), "b": randn(g, 5).float()}
+    deltas = [{"a": randn(g, 8, 3), "b": randn(g, 5)} for _ in range(3)]
+    for i, delta in enumerate(deltas):
+        save_weights(delta, tmp_path / f"t{i}.safetensors")
+    files = [WeightsFile(tmp_path / f"t{i}.safetensors") for i in range(3)]
+    params = PcbParams(drop_ratio=0.6, clip_ratio=0.1, alpha=1.1)
+    lazy = pcb.merged_vector(files, params)
+    assert isinstance(lazy, LazyWeights)
+    eager = pcb.merged_vector(deltas, params)
+    for key in ("a", "b"):
+        assert torch.equal(lazy[key], eager[key])
+    streamed, direct = pcb_merge(theta0, files, params), pcb_merge(theta0, deltas, params)
+    assert all(torch.equal(streamed[k], direct[k]) for k in ("a", "b"))
+    monkeypatch.setattr(pcb, "GATHER_LIMIT", 0)  # as a model too large to sort whole: the radix select, to the last bit
+    radix = pcb.merged_vector(files, params)
+    assert all(torch.equal(radix[k], eager[k]) for k in ("a", "b"))

@@ -1,9 +1,9 @@
 """PCB-Merging (Du et al., NeurIPS 2024, arXiv 2410.02396): parameter competition balancing.
 
-`variant: released` (the default) follows the authors' release (github.com/duguodong7/pcb-merging,
-`pcb-merging.py`, which its README names as the method; `nlp_source_code/utils/merge_utils.py`'s
-`task_para_att_merge` is the same function). For N task vectors tau_i, each flattened over the
-WHOLE model (every floating-point tensor; D entries), with c = clip_ratio, q = drop_ratio:
+Follows the authors' release (github.com/duguodong7/pcb-merging, `pcb-merging.py`, which its
+README names as the method; `nlp_source_code/utils/merge_utils.py`'s `task_para_att_merge` is the
+same function). For N task vectors tau_i, each flattened over the WHOLE model (every
+floating-point tensor; D entries), with c = clip_ratio, q = drop_ratio:
 
   clip     lo_i, hi_i = the floor(cD)-th and (floor((1-c)D) - 1)-th smallest |tau_i| (0-based)
            a_i = clamp(|tau_i|, lo_i, hi_i);  t_i = sign(tau_i) a_i      (the merged values)
@@ -26,7 +26,8 @@ theta_0 + lambda tau_m, so alpha here is that lambda (the NLP code's non-ES path
 theta_0 + lambda tau_m over a lambda grid). Defaults: pcb-merging.py's c = 0.0001 and its script's
 pcb_ratio = 0.05 (q = 0.95) and lambda = 1.2; the two vision scripts clip with c = 0.01.
 
-Where the paper and the release disagree (the paper's equations, Sec. 3):
+Where the paper and the release disagree (the paper's equations, Sec. 3, as catmerge's earlier
+reading quoted them; the paper's full text could not be read where this was written):
   - intra: the paper has Softmax(N Norm(tau_i . tau_i)); the code has exp(N Norm(|tau_i|)^2): no
     softmax denominator, and Norm is taken of |tau| (after clipping) before squaring;
   - inter: the paper has sum_j Softmax(Norm(tau_i . tau_j)); the code's three forms above use tanh,
@@ -38,27 +39,24 @@ Where the paper and the release disagree (the paper's equations, Sec. 3):
     they are; the code raises them to that value and min-max normalises, so the weights are the
     scores' excess over the threshold divided by the maximum's (the threshold entry itself gets 0);
   - the final scale: the paper writes theta_0 + lambda tau_m; the code scales each task vector.
-  Both flatten the whole model (the paper's D is the model's parameter count).
+  Both flatten the whole model (the paper's D is the model's parameter count). Not implemented:
+  the release's per-task lambda_i (one alpha here) and a magnitude mask commented out in
+  vision_source_code/pcb.py ("if there is a validation dataset").
 
-`variant: paper_per_tensor` is catmerge's earlier reading of the paper's equations, per tensor
-(flattened to its d entries), kept for comparison with the paper as written:
+catmerge's earlier reading of the paper's equations, per tensor (Softmax over a tensor's entries,
+the floor(q d) lowest scores dropped, the kept scores divided by their maximum), is gone: on the
+demo benchmark its best validation average was 50.7 (test 50.5) against the release's 54.3
+(test 54.2); the release's other inter forms scored 53.7 (normalized_sum) and 53.5 (pairwise).
 
-  intra    beta_intra_i = Softmax(N Norm(tau_i . tau_i))     Norm: min-max to [0, 1] over the tensor
-  inter    beta_inter_i = sum_j Softmax(Norm(tau_i . tau_j)) Softmax: over the tensor's entries
-  drop     beta^_i = beta_intra_i . beta_inter_i with its floor(q d) lowest entries set to 0
-           (ties: the higher flat index drops first), then divided by its maximum
-  rescale  tau_m = sum_i beta^_i tau_i / sum_i beta^_i       (0 where the sum is 0)
-
-The division by the maximum is ours: a softmax over a tensor's entries divides task i's scores by a
-sum that belongs to task i alone, which would weigh whole tasks against each other at every entry.
-This variant ignores clip_ratio and inter.
-
-Exactness and memory (released): the whole-model order statistics (lo_i, hi_i, k_i, m_i) are found
-exactly without flattening the model: a radix select on the float64 bit patterns (16 bits per pass,
-for every task at once), reading one tensor of each task vector at a time, until the value's
-bucket holds at most GATHER_LIMIT entries, which are then sorted. That is about 2 passes over the
+Exactness and memory: the whole-model order statistics (lo_i, hi_i, k_i, m_i) are found exactly
+without flattening the model: a radix select on the float64 bit patterns (16 bits per pass, for
+every task at once), reading one tensor of each task vector at a time, until the value's bucket
+holds at most GATHER_LIMIT entries, which are then sorted (a model that small is sorted whole).
+That is about 2 passes over the
 task vectors for the clip and 2 to 3 for the scores (each recomputes the scores tensor by tensor),
 plus the merge; memory is one tensor per task plus the histograms and the gathered buckets.
+On the demo benchmark (8 tasks) a merge takes about 25 s on 2 shared cores, as the per-tensor
+reading did.
 Indices: floor(x) after rounding x to 9 decimals (the release's int() of the float product; they
 differ only where float error puts the product just under an integer). Where the release divides
 0 by 0 (hi_i = lo_i, or m_i = k_i) we give 0. Computed in float64 (the release in the checkpoints'
@@ -82,17 +80,14 @@ from ..task_vectors import per_tensor
 class PcbParams(Strict):
     """PCB-Merging (Du et al., NeurIPS 2024): intra- and inter-task balancing, drop, rescale."""
 
-    variant: Literal["released", "paper_per_tensor"] = Field(
-        default="released", description="the authors' released code (whole model) or catmerge's per-tensor reading of the paper's equations"
-    )
     drop_ratio: float = Field(
         default=0.95, ge=0, lt=1, description="fraction of each task vector's entries dropped, lowest score first (the release's 1 - pcb_ratio)"
     )
     clip_ratio: float = Field(
-        default=0.0001, ge=0, lt=0.5, description="released: each task vector's magnitudes clipped to their [c, 1 - c] quantiles over the model"
+        default=0.0001, ge=0, lt=0.5, description="each task vector's magnitudes clipped to their [c, 1 - c] quantiles over the model"
     )
     inter: Literal["sum", "normalized_sum", "pairwise"] = Field(
-        default="sum", description="released: the inter-balancing form (pcb-merging.py, vision pcb.py, vision pcb_ES.py)"
+        default="sum", description="the inter-balancing form (pcb-merging.py, vision pcb.py, vision pcb_ES.py)"
     )
     alpha: float = Field(default=1.2, gt=0, description="scaling of the merged task vector (the release's lambda)")
 
@@ -117,9 +112,8 @@ def floor_index(x: float) -> int:
 
 def ordered_bits(x: torch.Tensor) -> torch.Tensor:
     """int64 keys in the order of the float64 values (-0.0 taken as +0.0)."""
-    x = torch.where(x == 0, torch.zeros_like(x), x.double())
-    bits = x.view(torch.int64)
-    return torch.where(bits < 0, bits ^ LOW_BITS, bits)
+    bits = (x.double() + 0.0).view(torch.int64)  # -0.0 + 0.0 = +0.0
+    return bits ^ ((bits >> 63) & LOW_BITS)  # negatives: every bit but the sign flipped
 
 
 def value_of(key: int) -> float:
@@ -144,7 +138,7 @@ class _Query:
     def settle(self, counts: torch.Tensor) -> None:
         """After a histogram pass: the wanted entry's bucket, and the rank left inside it."""
         below = torch.cumsum(counts, 0)
-        bucket = int((below > self.rank).nonzero()[0])
+        bucket = int(torch.searchsorted(below, self.rank, right=True))  # the first with below > rank
         self.rank -= int(below[bucket] - counts[bucket])
         digit = bucket - (1 << (DIGIT_BITS - 1)) if self.level == 0 else bucket
         self.prefix = digit if self.prefix is None else (self.prefix << DIGIT_BITS) | digit
@@ -167,11 +161,15 @@ def _histogram(bits: torch.Tensor, level: int, prefix: int | None) -> torch.Tens
     return torch.bincount(digits, minlength=1 << DIGIT_BITS)
 
 
-def order_statistics(rows: Callable[[str], torch.Tensor], keys: Sequence[str], wanted: Sequence[Sequence[int]]) -> list[list[float]]:
-    """wanted[r]: 0-based ranks among the values of row r over every key, where rows(key) is an
-    (R, d_key) float64 tensor (computed again on each pass). The exact values, in the order asked."""
+def order_statistics(
+    rows: Callable[[str], torch.Tensor], keys: Sequence[str], wanted: Sequence[Sequence[int]], numel: int
+) -> list[list[float]]:
+    """wanted[r]: 0-based ranks among the numel values of row r over every key, where rows(key) is
+    an (R, d_key) float64 tensor (computed again on each pass). The exact values, in the order asked."""
     queries = [[_Query(r, rank) for rank in ranks] for r, ranks in enumerate(wanted)]
     pending = [q for row in queries for q in row]
+    for q in pending:
+        q.gather = numel <= GATHER_LIMIT  # small enough to sort whole: one pass
     while pending:
         # per group: the gathered entries (a list of pieces), or the histogram so far
         groups: dict[tuple, list | torch.Tensor] = {}
@@ -182,7 +180,7 @@ def order_statistics(rows: Callable[[str], torch.Tensor], keys: Sequence[str], w
             bits = ordered_bits(values)
             for (row, level, prefix, gather), found in groups.items():
                 if gather:
-                    found.append(values[row][(bits[row] >> SHIFTS[level]) == prefix])
+                    found.append(values[row] if prefix is None else values[row][(bits[row] >> SHIFTS[level]) == prefix])
                 else:
                     found += _histogram(bits[row], level, prefix)
         for q in pending:
@@ -195,7 +193,7 @@ def order_statistics(rows: Callable[[str], torch.Tensor], keys: Sequence[str], w
     return [[q.value for q in row] for row in queries]
 
 
-# ---- released ---------------------------------------------------------------------------------
+# ---- scores and weights ---------------------------------------------------------------------------------
 
 
 def clip_bounds(numel: int, ratio: float) -> tuple[int, int]:
@@ -204,36 +202,46 @@ def clip_bounds(numel: int, ratio: float) -> tuple[int, int]:
     return min(numel - 1, floor_index(numel * ratio)), max(0, min(numel - 1, floor_index(numel * (1 - ratio)) - 1))
 
 
-def released_scores(taus: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, inter: str) -> tuple[torch.Tensor, torch.Tensor]:
+def scores_of(taus: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, inter: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores s, clipped values t), both (N, d), for task vectors `taus` (N, d) with per-task clip
     bounds lo, hi (N, 1)."""
     n = taus.shape[0]
-    magnitude = torch.minimum(torch.maximum(taus.abs(), lo), hi)  # torch.clamp's order: max first
-    width = hi - lo
-    nu = torch.where(width > 0, (magnitude - lo) / torch.where(width > 0, width, torch.ones_like(width)), torch.zeros_like(magnitude))
+    magnitude = torch.clamp(taus.abs(), lo, hi)  # where lo > hi, hi (as torch.clamp)
+    width, valid = _width(lo, hi)
+    nu = (magnitude - lo) / width * valid
     intra = torch.exp(n * nu**2)
-    signed = torch.sign(taus) * nu
+    sign = torch.sign(taus)
+    signed = sign * nu
     if inter == "sum":
         cross = torch.tanh(taus * taus.sum(dim=0))
     elif inter == "normalized_sum":
         cross = torch.tanh(taus * signed.sum(dim=0))
     else:  # pairwise
         cross = torch.stack([torch.tanh(s * signed).sum(dim=0) for s in signed])
-    return intra * cross, torch.sign(taus) * magnitude
+    return intra * cross, sign * magnitude
 
 
-def released_weights(scores: torch.Tensor, low: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+def _width(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per task (N, 1): high - low where positive, else 1; and 1.0 where it was positive, else 0.0."""
+    valid = high > low
+    return torch.where(valid, high - low, torch.ones_like(low)), valid.to(low.dtype)
+
+
+def weights_of(scores: torch.Tensor, low: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     """(clamp(s, low, top) - low) / (top - low) per task (0 where top == low)."""
-    width = top - low
-    safe = torch.where(width > 0, width, torch.ones_like(width))
-    return torch.where(width > 0, (torch.minimum(torch.maximum(scores, low), top) - low) / safe, torch.zeros_like(scores))
+    width, valid = _width(low, top)
+    return (torch.clamp(scores, low, top) - low) / width * valid
 
 
 def rescale(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return (weights * values).sum(dim=0) / weights.sum(dim=0).clamp(min=RESCALE_FLOOR)
 
 
-def released_merged_vector(task_vectors: list[StateDict], params: PcbParams) -> StateDict:
+# ---- the method ---------------------------------------------------------------------------------
+
+
+def merged_vector(task_vectors: list[StateDict], params, inputs=None) -> StateDict:
+    """tau_m (independent of alpha); `params` is a PcbParams."""
     specs = {key: (torch.float64, shape) for key, (_, shape) in specs_of(task_vectors[0]).items()}
     keys = list(specs)
     n = len(task_vectors)
@@ -243,69 +251,19 @@ def released_merged_vector(task_vectors: list[StateDict], params: PcbParams) -> 
         return torch.stack([tv[key].double().reshape(-1) for tv in task_vectors])
 
     low_rank, high_rank = clip_bounds(numel, params.clip_ratio)
-    bounds = torch.tensor(order_statistics(lambda key: stacked(key).abs(), keys, [[low_rank, high_rank]] * n), dtype=torch.float64)
+    bounds = order_statistics(lambda key: stacked(key).abs(), keys, [[low_rank, high_rank]] * n, numel)
+    bounds = torch.tensor(bounds, dtype=torch.float64)
     lo, hi = bounds[:, :1], bounds[:, 1:]
 
     def scores(key: str) -> torch.Tensor:
-        return released_scores(stacked(key), lo, hi, params.inter)[0]
+        return scores_of(stacked(key), lo, hi, params.inter)[0]
 
     kept_from = min(numel - 1, floor_index(numel * params.drop_ratio))
-    limits = torch.tensor(order_statistics(scores, keys, [[kept_from, numel - 1]] * n), dtype=torch.float64)
+    limits = torch.tensor(order_statistics(scores, keys, [[kept_from, numel - 1]] * n, numel), dtype=torch.float64)
     low, top = limits[:, :1], limits[:, 1:]
 
     def merged(key: str) -> torch.Tensor:
-        taus = stacked(key)
-        s, clipped = released_scores(taus, lo, hi, params.inter)
-        return rescale(released_weights(s, low, top), clipped).reshape(specs[key][1])
+        s, clipped = scores_of(stacked(key), lo, hi, params.inter)
+        return rescale(weights_of(s, low, top), clipped).reshape(specs[key][1])
 
     return per_tensor(specs, merged, task_vectors)
-
-
-# ---- paper_per_tensor (catmerge's earlier reading) ---------------------------------------------
-
-
-def norm(x: torch.Tensor) -> torch.Tensor:
-    low, high = x.min(), x.max()
-    return (x - low) / (high - low) if high > low else torch.zeros_like(x)
-
-
-def balance(taus: torch.Tensor) -> torch.Tensor:
-    """beta (N, d) for task vectors `taus` (N, d)."""
-    n = taus.shape[0]
-    intra = torch.stack([torch.softmax(n * norm(t * t), dim=0) for t in taus])
-    inter = torch.stack([sum(torch.softmax(norm(ti * tj), dim=0) for tj in taus) for ti in taus])
-    return intra * inter
-
-
-def drop(beta: torch.Tensor, ratio: float) -> torch.Tensor:
-    """beta with each row's floor(ratio d) lowest entries set to 0 (ties: the higher index drops)."""
-    d = beta.shape[1]
-    dropped = floor_index(ratio * d)
-    order = torch.sort(beta, dim=1, descending=True, stable=True).indices
-    kept = torch.zeros_like(beta, dtype=torch.bool).scatter_(1, order[:, : d - dropped], True)
-    return torch.where(kept, beta, torch.zeros_like(beta))
-
-
-def scaled(beta: torch.Tensor) -> torch.Tensor:
-    """Each row divided by its maximum (rows of zeros stay zero)."""
-    top = beta.max(dim=1, keepdim=True).values
-    return beta / torch.where(top > 0, top, torch.ones_like(top))
-
-
-def merge_tensor(deltas: list[torch.Tensor], ratio: float) -> torch.Tensor:
-    taus = torch.stack([d.double().reshape(-1) for d in deltas])
-    beta = scaled(drop(balance(taus), ratio))
-    weight = beta.sum(dim=0)
-    merged = (beta * taus).sum(dim=0) / torch.where(weight > 0, weight, torch.ones_like(weight))
-    return merged.reshape(deltas[0].shape)
-
-
-# ---- the method ---------------------------------------------------------------------------------
-
-
-def merged_vector(task_vectors: list[StateDict], params, inputs=None) -> StateDict:
-    """tau_m (independent of alpha); `params` is a PcbParams."""
-    if params.variant == "released":
-        return released_merged_vector(task_vectors, params)
-    specs = {key: (torch.float64, shape) for key, (_, shape) in specs_of(task_vectors[0]).items()}
-    return per_tensor(specs, lambda key: merge_tensor([tv[key] for tv in task_vectors], params.drop_ratio), task_vectors)
