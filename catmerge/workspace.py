@@ -7,13 +7,15 @@ Splits are read only when asked for, so a stage that never asks for "test" never
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from functools import cached_property
 from pathlib import Path
 
 from . import layout
 from .data import read_split
 from .features import load_features
-from .io import WeightsFile, read_json
+from .io import WeightsFile, read_json, remove_orphaned_temps, save_weights
 from .merging import MergeInputs, method_module, needs
 from .merging import cat as cat_merge
 from .params import Params
@@ -29,6 +31,7 @@ class Workspace:
         self._splits: dict[tuple[str, str], object] = {}
         self._removals: dict[str, tuple] = {}
         self._layer_inputs: dict[int, tuple] = {}
+        self._scratch_dir: tempfile.TemporaryDirectory | None = None
         self._last_vector: tuple = (None, None)  # (method and params but alpha, tau_m): one model's worth
 
     def path(self, relative: Path) -> Path:
@@ -79,6 +82,15 @@ class Workspace:
             inputs.removals = self.removals(method_params)
         return inputs
 
+    def _scratch(self) -> Path:
+        """A directory for this workspace's temporaries, removed with it (at exit at the latest)."""
+        if self._scratch_dir is None:
+            base = self.path(Path(".catmerge/tmp"))
+            base.mkdir(parents=True, exist_ok=True)
+            remove_orphaned_temps(base, "workspace")  # a killed run's: named like every temporary
+            self._scratch_dir = tempfile.TemporaryDirectory(prefix=f".workspace.{os.getpid()}.", suffix=".tmp", dir=base)
+        return Path(self._scratch_dir.name)
+
     def exemplars(self, count: int) -> list:
         """Per task, `count` unlabeled train images, drawn with a seed from data_seed and the task
         (the features stage's draw: CAT's exemplars are the first of them)."""
@@ -97,10 +109,17 @@ class Workspace:
             from .adapters import adapter_for
             from .features import capture, layer_inputs
 
+            # each task's Gram matrices go to a file read back lazily: K tasks' worth of every
+            # layer's d_in x d_in matrices (gigabytes at ViT-B/32) is never in memory at once
+            spill = self._scratch() / f"layer-inputs-{count}"
+            spill.mkdir()
             per_task = []
             for tv, images, task in zip(self.task_vectors, self.exemplars(count), self.params.tasks):
                 tensors, _, _ = capture(self.tower, apply_task_vector(self.pretrained, tv), images)
-                per_task.append(layer_inputs(tensors, f"{task} exemplars")[0])
+                layer_inputs(tensors, f"{task} exemplars")  # checks: finite, known forms
+                save_weights(tensors, spill / f"{task}.safetensors", {"task": task})
+                del tensors
+                per_task.append(load_features(spill / f"{task}.safetensors", task)[0])
             shapes = {k: shape for k, (dtype, shape) in self.pretrained.specs.items() if dtype.is_floating_point}
             pieces = [p for p in adapter_for(self.tower).pieces(shapes, "fused") if p.family == "linear"]
             self._layer_inputs[count] = (pieces, per_task)
