@@ -40,7 +40,7 @@ MICRO_PARAMS = {
     "hub": {"pretrained": {"repo": "openai/clip-vit-base-patch32", "tag": None, "revision": "main", "sha256": None},
             "experts": {"repo": "tanganke/clip-vit-base-patch32_{task}", "revision": "main", "revisions": {}, "sha256": {}},
             "allow_pickle": False, "val_fraction": 0.1, "datasets": {}},
-    "merge": {"methods": ["weight_averaging", "task_arithmetic", "ties", "regmean", "regmean_plusplus", "pcb", "tsv_m", "iso_c", "iso_cts", "cat"]},
+    "merge": {"methods": ["weight_averaging", "task_arithmetic", "ties", "regmean", "regmean_plusplus", "pcb", "tsv_m", "iso_c", "iso_cts", "wudi", "cat"]},
     "task_arithmetic": {"alpha": 0.3},
     "cat": {"exemplars": 2, "feature_alpha": 1.0, "c": 2, "lambda": 1.0, "c_norm": None, "lambda_norm": None,
             "c_shift": None, "qkv": "split", "conv": False, "drop_nonpositive": True, "shift_score": "others", "precision": "float64", "rescale": True,
@@ -52,6 +52,7 @@ MICRO_PARAMS = {
     "tsv_m": {"alpha": 1.0},
     "iso_c": {"alpha": 1.5},
     "iso_cts": {"common_fraction": 0.8, "alpha": 1.5},
+    "wudi": {"iterations": 20, "lr": 1.0e-5, "alpha": 1.0},
     # Task Arithmetic and CAT keep fixed params here, so their alpha params reach the merge directly.
     "select": {"ties": {"k": [20, 40], "alpha": [0.5, 1.0]}, "pcb": {"alpha": [0.5, 1.0]}},
     "evaluate": {"batch_size": 256},

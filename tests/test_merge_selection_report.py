@@ -39,7 +39,7 @@ def run_select(project: Path) -> str:
 def test_selection_never_reads_a_test_split(micro_project, project_copy):
     # Every test split is gone and the cache is empty: each candidate is scored again, from val only.
     output = run_select(project_copy)
-    candidates = 1 + 1 + 4 + 1 + 1 + 2 + 1 + 1 + 1 + 1  # weight averaging, TA, ties 2x2, regmean, regmean++, pcb 2, tsv_m, iso_c, iso_cts, cat
+    candidates = 1 + 1 + 4 + 1 + 1 + 2 + 1 + 1 + 1 + 1 + 1  # weight averaging, TA, ties 2x2, regmean, regmean++, pcb 2, tsv_m, iso_c, iso_cts, wudi, cat
     assert f"select: {candidates} candidates evaluated, 0 from the cache" in output
     assert json.loads((project_copy / "metrics/selection.json").read_text()) == json.loads(
         (micro_project / "metrics/selection.json").read_text()
@@ -53,7 +53,7 @@ def test_a_grid_extended_by_one_value_costs_one_evaluation(project_copy):
     params["select"]["pcb"]["alpha"].append(1.5)
     write_params(project_copy / "params.yaml", params)
     output = run_select(project_copy)
-    assert "select: 1 candidates evaluated, 14 from the cache" in output
+    assert "select: 1 candidates evaluated, 15 from the cache" in output
     selection = json.loads((project_copy / "metrics/selection.json").read_text())
     pcb = selection["methods"]["pcb"]
     assert [row["point"] for row in pcb["candidates"]] == [{"alpha": 0.5}, {"alpha": 1.0}, {"alpha": 1.5}]

@@ -33,7 +33,7 @@ def test_repo_params_are_valid():
         ({"tasks": ["mnist", "cifar10"]}, r"tasks = .*unknown builtin task\(s\) \['cifar10'\]; known: mnist, mnist_rotation"),
         ({"tasks": ["mnist", "mnist"]}, r"tasks = .*duplicate builtin task\(s\) \['mnist'\]"),
         ({"tasks": []}, r"tasks = \[\]"),
-        ({"merge__methods": ["ties_merging"]}, r"merge.methods = .*unknown merge method\(s\) \['ties_merging'\]; known: cat, iso_c, iso_cts, pcb, regmean, task_arithmetic, ties, tsv_m, weight_averaging"),
+        ({"merge__methods": ["ties_merging"]}, r"merge.methods = .*unknown merge method\(s\) \['ties_merging'\]; known: cat, iso_c, iso_cts, pcb, regmean, regmean_plusplus, task_arithmetic, ties, tsv_m, weight_averaging, wudi"),
         ({"task_arithmetic__alpha": 0}, r"task_arithmetic.alpha = 0: .*greater than 0"),
         ({"merge__alpha": 0.3}, r"merge.alpha is now task_arithmetic.alpha"),
         ({"model": "ViT-Z-99"}, r"model = 'ViT-Z-99'.*known: hf-clip-vit-b-32, .*micro-vit-minilm, .* or any of open_clip.list_models"),

@@ -64,7 +64,7 @@ def test_repro_builds_everything_then_only_what_changed(micro_project, tmp_path)
     write_params(micro_project / "params.yaml", params)
     third = run(DVC + ["repro"], micro_project)
     assert ran_stages(third.stdout) == DOWNSTREAM
-    assert "select: 2 candidates evaluated, 12 from the cache" in third.stdout
+    assert "select: 2 candidates evaluated, 13 from the cache" in third.stdout
     # weight averaging does not depend on either alpha: same bytes; Task Arithmetic and CAT do
     assert (micro_project / "data/merged/weight_averaging.safetensors").read_bytes() == merged["weight_averaging"]
     for method in ("task_arithmetic", "cat"):

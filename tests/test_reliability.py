@@ -76,7 +76,7 @@ def test_sigkill_mid_write_leaves_nothing_a_reader_accepts_and_the_rerun_gives_t
 
 
 def test_sigkill_under_dvc_keeps_the_last_good_outputs_and_repro_restores_the_same_bytes(project, micro_project):
-    env = dict(os.environ, CATMERGE_KILL_AT="2", PYTHONPATH=str(FAULTS),  # ties, the 3rd of 10 merged files
+    env = dict(os.environ, CATMERGE_KILL_AT="2", PYTHONPATH=str(FAULTS),  # ties, the 3rd of 11 merged files
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     killed_merge = DVC + ["repro", "-f", "--single-item", "merge"]
     before = hashes(project, "data/merged")
