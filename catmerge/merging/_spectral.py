@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import scipy.linalg
 import torch
+
+from ..io import StateDict, specs_of
+from ..task_vectors import per_tensor
 
 
 def is_matrix(shape) -> bool:
@@ -46,3 +51,15 @@ def polar(columns: torch.Tensor) -> torch.Tensor:
 
 def mean_of(deltas: list[torch.Tensor]) -> torch.Tensor:
     return sum(d.double() for d in deltas) / len(deltas)
+
+
+def per_matrix(task_vectors: list[StateDict], merge_matrix: Callable[[list[torch.Tensor]], torch.Tensor]) -> StateDict:
+    """`merge_matrix(deltas)` on every 2-D tensor, the mean of the task vectors on the others,
+    one tensor at a time (float64)."""
+    specs = {key: (torch.float64, shape) for key, (_, shape) in specs_of(task_vectors[0]).items()}
+
+    def merged(key: str) -> torch.Tensor:
+        deltas = [tv[key].double() for tv in task_vectors]
+        return merge_matrix(deltas) if is_matrix(specs[key][1]) else mean_of(deltas)
+
+    return per_tensor(specs, merged, task_vectors)

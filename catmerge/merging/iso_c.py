@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..io import StateDict, specs_of
+from ..io import StateDict
 from ..params_base import Strict
-from ..task_vectors import per_tensor
-from ._spectral import is_matrix, mean_of
+from ._spectral import per_matrix
 
 
 class IsoCParams(Strict):
@@ -31,10 +30,4 @@ def merge_matrix(deltas: list[torch.Tensor]) -> torch.Tensor:
 
 
 def merged_vector(task_vectors: list[StateDict], params=None, inputs=None) -> StateDict:
-    specs = {key: (torch.float64, shape) for key, (_, shape) in specs_of(task_vectors[0]).items()}
-
-    def merged(key: str) -> torch.Tensor:
-        deltas = [tv[key].double() for tv in task_vectors]
-        return merge_matrix(deltas) if is_matrix(specs[key][1]) else mean_of(deltas)
-
-    return per_tensor(specs, merged, task_vectors)
+    return per_matrix(task_vectors, merge_matrix)

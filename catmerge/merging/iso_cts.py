@@ -19,10 +19,9 @@ import math
 import torch
 from pydantic import Field
 
-from ..io import StateDict, specs_of
+from ..io import StateDict
 from ..params_base import Strict
-from ..task_vectors import per_tensor
-from ._spectral import is_matrix, mean_of, polar, top_singular
+from ._spectral import mean_of, per_matrix, polar, top_singular
 
 
 class IsoCtsParams(Strict):
@@ -58,10 +57,4 @@ def merge_matrix(deltas: list[torch.Tensor], common_fraction: float) -> torch.Te
 
 
 def merged_vector(task_vectors: list[StateDict], params, inputs=None) -> StateDict:
-    specs = {key: (torch.float64, shape) for key, (_, shape) in specs_of(task_vectors[0]).items()}
-
-    def merged(key: str) -> torch.Tensor:
-        deltas = [tv[key].double() for tv in task_vectors]
-        return merge_matrix(deltas, params.common_fraction) if is_matrix(specs[key][1]) else mean_of(deltas)
-
-    return per_tensor(specs, merged, task_vectors)
+    return per_matrix(task_vectors, lambda deltas: merge_matrix(deltas, params.common_fraction))
