@@ -24,7 +24,8 @@ HUB_PARAMS = {
     "source": "hf",
     "model": "micro-hf-clip",
     "hub": {**MICRO_PARAMS["hub"], "allow_pickle": True, "val_fraction": 0.2},  # dtd's expert is a pytorch_model.bin
-    "merge": {"methods": ["weight_averaging", "task_arithmetic", "cat"], "alpha": 0.3},
+    "merge": {"methods": ["weight_averaging", "task_arithmetic", "cat"]},
+    "task_arithmetic": {"alpha": 0.3},
     "select": {"task_arithmetic": {"alpha": [0.3, 0.6]}},
 }
 

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from catmerge import cat
-from catmerge.adapters import get_adapter
 from catmerge.cat import LayerInput
 from catmerge.features import layer_inputs
 from catmerge.io import (
@@ -30,6 +29,7 @@ from catmerge.merging import cat as cat_merge
 from catmerge.params import load_params
 from catmerge.selection import chosen_params
 from catmerge.task_vectors import task_vector
+from catmerge.workspace import Workspace
 from conftest import ROOT
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
@@ -112,15 +112,13 @@ def test_streamed_stages_give_the_in_memory_paths_bytes_on_the_micro_benchmark(m
         assert (tmp_path / "bases" / stored.name).read_bytes() == stored.read_bytes(), stored.name
 
     selection = json.loads((micro_project / "metrics/selection.json").read_text())
+    workspace = Workspace(params, micro_project)
     for method in params.merge.methods:
         method_params = chosen_params(params, selection, method)
-        inputs = MergeInputs()
         if "removals" in needs(method):
-            inputs.removals = cat_merge.read_removals(data / "bases", params.tasks)
-        if "layer_inputs" in needs(method):
-            shapes = {k: tuple(v.shape) for k, v in pretrained.items() if v.is_floating_point()}
-            inputs.pieces = [q for q in get_adapter(info["adapter"]).pieces(shapes, "fused") if q.family == "linear"]
-            inputs.layer_inputs, inputs.names = [f[0] for f in features], [str(p) for p in paths]
+            inputs = MergeInputs(removals=cat_merge.read_removals(data / "bases", params.tasks))
+        else:  # exemplars and their layer inputs through the experts, as the merge stage takes them
+            inputs = workspace.merge_inputs(method, method_params)
         merged = merge(method, pretrained, vectors, method_params, inputs)
         assert isinstance(merged, dict)
         stored = data / f"merged/{method}.safetensors"
