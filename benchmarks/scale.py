@@ -11,8 +11,15 @@ and the stages `datasets`, `pretrained`, `experts` and (after bases) `select` wr
 artifacts and their manifests exactly as in any run: nothing here writes under data/ or metrics/.
 
 Each stage runs as its own process, exactly as `dvc repro` runs it (`python -m stages.<name>`),
-and its wall time and peak RSS (GNU time's maximum resident set size) are recorded. Merge is timed
-for CAT and Task Arithmetic separately on the same inputs (bases given).
+and its wall time and peak RSS (GNU time's maximum resident set size) are recorded. The merge
+stage is timed separately for every method of catmerge.merging.METHOD_NAMES (found, not listed
+here, so a new method module is timed as soon as it lands; `--methods` limits them, Task
+Arithmetic is always included as the reference), one process per method on the same inputs
+(bases given): `merge.methods: [<method>]`, each after a `select` of that method alone (untimed in
+the tables: merge reads its choice). Every method gets its PARAMS defaults, no grid; a method with an
+`exemplars` param that reads train images (RegMean, RegMean++) gets as many as the train split
+has (recorded in the row's `exemplars`). A method whose select or merge fails is recorded with
+its error and the others go on; the script then exits 1.
 
     python benchmarks/scale.py --arch ViT-B-32 --tasks 2 4 8 --precision float32 --out benchmarks/results/scale_vit-b-32.json
     python benchmarks/scale.py --arch micro-clip --tasks 2 --out /tmp/scale_tiny.json   # tiny: seconds, for tests
@@ -25,6 +32,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,19 +51,35 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFL
            "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run_stage(project: Path, module: str, *args: str) -> dict:
+class StageFailed(RuntimeError):
+    """A stage exited non-zero (or ran past its timeout); `tail` is the end of its output."""
+
+    def __init__(self, what: str, tail: str, seconds: float):
+        super().__init__(f"{what} failed after {seconds:.1f} s:\n{tail}")
+        self.what, self.tail, self.seconds = what, tail, seconds
+
+
+def run_stage(project: Path, module: str, *args: str, timeout: float | None = None) -> dict:
     """Run `python -m stages.<module> args` in `project`; wall seconds and peak RSS (MB).
 
     The peak comes from GNU time's %M for its own child: a child forked straight from this
-    (large) process would start its ru_maxrss at this process's RSS."""
+    (large) process would start its ru_maxrss at this process's RSS. On a timeout the whole
+    process group (GNU time and the stage) is killed."""
     env = dict(os.environ, **OFFLINE, HF_HOME=str(project / ".hf"), PYTHONPATH=str(ROOT))
+    what = f"stages.{module} {' '.join(args)}".strip()
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", f"stages.{module}", *args], check=False, cwd=project, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.Popen(["/usr/bin/time", "-f", "%M", sys.executable, "-m", f"stages.{module}", *args], cwd=project, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise StageFailed(what, f"timed out after {timeout} s (killed)\n{stderr[-2000:]}", time.perf_counter() - start) from None
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"stages.{module} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    peak_kb = int(proc.stderr.strip().splitlines()[-1])
+        raise StageFailed(what, f"{stdout[-2000:]}\n{stderr[-4000:]}".strip(), seconds)
+    peak_kb = int(stderr.strip().splitlines()[-1])
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak_kb / 1024, 1)}
 
 
@@ -102,8 +126,36 @@ def write_experts(project: Path, sources: Path, tasks: list[str]) -> None:
         del expert
 
 
+def method_blocks(methods: list[str], precision: str) -> dict[str, dict]:
+    """Each method's params block: its PARAMS defaults (cat.precision as asked)."""
+    from catmerge.merging import method_module
+
+    blocks = {}
+    for method in methods:
+        block = method_module(method).PARAMS
+        if block is not None:
+            blocks[method] = block().model_dump(by_alias=True, mode="json")
+    if "cat" in blocks:
+        blocks["cat"]["precision"] = precision
+    return blocks
+
+
+def exemplar_methods(methods: list[str]) -> list[str]:
+    """The methods with an `exemplars` param whose images they read themselves (RegMean,
+    RegMean++), not through the features stage (CAT's exemplars are the features')."""
+    from catmerge.merging import method_module
+
+    out = []
+    for method in methods:
+        module = method_module(method)
+        if module.PARAMS is not None and "exemplars" in module.PARAMS.model_fields and set(module.NEEDS) & {"layer_inputs", "exemplars"}:
+            out.append(method)
+    return out
+
+
 def write_params(project: Path, sources: Path, arch: str, tasks: list[str], methods: list[str], precision: str) -> None:
-    """This repo's params.yaml, for `arch`, `tasks` and the local open_clip sources."""
+    """This repo's params.yaml, for `arch`, `tasks` and the local open_clip sources; every method
+    of `methods` with its PARAMS defaults and no grid."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params.update(tasks=tasks, source="open_clip", model=arch, device="cpu")
     params["hub"].update(
@@ -113,16 +165,31 @@ def write_params(project: Path, sources: Path, arch: str, tasks: list[str], meth
         datasets={t: {"repo": str(sources / "datasets" / t), "files": "data/{split}-*.parquet"} for t in tasks},
     )
     params["task_vectors"]["dtype"] = "float32"
+    params.update(method_blocks(methods, precision))
+    if "cat" not in params:  # the features and bases stages read cat's block
+        params.update(method_blocks(["cat"], precision))
     params["cat"]["precision"] = precision
     params["merge"]["methods"] = methods
     params["select"] = {}  # one candidate per method: its params block as is
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def set_methods(project: Path, methods: list[str]) -> None:
+def edit_params(project: Path, update) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["merge"]["methods"] = methods
+    update(params)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def set_methods(project: Path, methods: list[str]) -> None:
+    edit_params(project, lambda params: params["merge"].update(methods=methods))
+
+
+def train_images(project: Path, tasks: list[str]) -> int:
+    """The fewest train images of any task, as the datasets stage wrote them."""
+    from catmerge import layout
+    from catmerge.data import read_split
+
+    return min(len(read_split(layout.checked_split(task, "train", root=project)).labels) for task in tasks)
 
 
 def build(project: Path, arch: str, tasks: list[str], methods: list[str], precision: str) -> dict:
@@ -141,23 +208,59 @@ def build(project: Path, arch: str, tasks: list[str], methods: list[str], precis
     return timings
 
 
-def measure(arch: str, k: int, workdir: Path, precision: str, keep: bool) -> dict:
+def error_record(exc: StageFailed) -> dict:
+    lines = [line for line in exc.tail.splitlines() if line.strip()]
+    return {"error": "\n".join(lines[-15:]), "stage": exc.what, "seconds": round(exc.seconds, 2)}
+
+
+def set_overrides(params: dict, overrides: list[str]) -> None:
+    """`--set METHOD.PARAM=VALUE` (YAML value) into the method's params block."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        block, _, name = key.partition(".")
+        if block not in params or not name or not _:
+            raise SystemExit(f"--set {override!r}: expected METHOD.PARAM=VALUE for a method block of params.yaml")
+        params[block][name] = yaml.safe_load(value)
+
+
+def measure(arch: str, k: int, workdir: Path, precision: str, keep: bool, methods: list[str], timeout: float | None,
+            overrides: list[str]) -> dict:
     project = workdir / f"{arch}-k{k}"
     shutil.rmtree(project, ignore_errors=True)
     project.mkdir(parents=True)
     tasks = TASKS[:k]
-    methods = ["task_arithmetic", "cat"]
-    row: dict = {"arch": arch, "tasks": k, "precision": precision}
+    row: dict = {"arch": arch, "tasks": k, "precision": precision, "methods": methods}
     row["build"] = build(project, arch, tasks, methods, precision)
+    count = train_images(project, tasks)
+    exemplars = {m: count for m in exemplar_methods(methods)}
+    edit_params(project, lambda params: params.update({m: {**params[m], "exemplars": n} for m, n in exemplars.items()}))
+    edit_params(project, lambda params: set_overrides(params, overrides))
+    row["train_images_per_task"] = count
+    row["exemplars"] = exemplars  # RegMean's and RegMean++'s exemplars per task: the whole train split
+    row["merge_params"] = {m: yaml.safe_load((project / "params.yaml").read_text()).get(m, {}) for m in methods}
     row["task_vectors"] = per_task([run_stage(project, "task_vectors", t) for t in tasks])
     row["features"] = per_task([run_stage(project, "features", t) for t in tasks])
     row["bases"] = run_stage(project, "bases")
-    row["select"] = run_stage(project, "select")  # untimed in the tables: scores each method once on val for merge's input
+    failed: dict[str, dict] = {}
+    row["select"] = {}  # untimed in the tables: scores the method once on val, for merge to read
     for method in methods:
         set_methods(project, [method])
-        row[f"merge_{method}"] = run_stage(project, "merge")
+        try:
+            row["select"][method] = run_stage(project, "select", timeout=timeout)
+            row[f"merge_{method}"] = run_stage(project, "merge", timeout=timeout)
+        except StageFailed as exc:  # recorded; the other methods go on
+            failed[method] = row[f"merge_{method}"] = error_record(exc)
+            print(f"{arch} K={k}: {method} FAILED in {exc.what}:\n{failed[method]['error']}", file=sys.stderr, flush=True)
+            continue
+        merge = row[f"merge_{method}"]
+        print(f"{arch} K={k}: merge {method} {merge['seconds']} s ({merge['peak_rss_mb']} MB)", flush=True)
     set_methods(project, methods)
-    row["bases_plus_merge_cat_seconds"] = round(row["bases"]["seconds"] + row["merge_cat"]["seconds"], 2)
+    ta = row["merge_task_arithmetic"].get("seconds") if "task_arithmetic" not in failed else None
+    row["merge_seconds_over_task_arithmetic"] = {
+        m: round(row[f"merge_{m}"]["seconds"] / ta, 2) for m in methods if m not in failed and ta}
+    row["failed"] = sorted(failed)
+    if "cat" in methods and "cat" not in failed:
+        row["bases_plus_merge_cat_seconds"] = round(row["bases"]["seconds"] + row["merge_cat"]["seconds"], 2)
     if not keep:
         shutil.rmtree(project, ignore_errors=True)
     return row
@@ -168,31 +271,64 @@ def machine() -> dict:
             "threads": torch.get_num_threads(), "python": platform.python_version()}
 
 
+def code() -> dict:
+    """The commit measured, and what the working tree changed under catmerge/ and stages/ (the
+    copy each project gets is of the working tree)."""
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "changed": git("status", "--porcelain", "--", "catmerge", "stages", "params.yaml").splitlines()}
+
+
 def main() -> None:
+    from catmerge.merging import METHOD_NAMES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="ViT-B-32", help="model config: open_clip's (ViT-B-32, ViT-L-14) or ours (micro-clip: tiny)")
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8], help=f"numbers of tasks K (at most {len(TASKS)})")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                        help=f"merge methods to time (default: all of {', '.join(METHOD_NAMES)}); task_arithmetic is always added")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--precision", choices=["float64", "float32"], default="float32", help="cat.precision of the bases stage")
+    parser.add_argument("--merge-timeout", type=float, default=None,
+                        help="seconds allowed to each method's select and to its merge; a method past it is recorded as failed")
     parser.add_argument("--keep", action="store_true", help="keep the built projects in --workdir")
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD.PARAM=VALUE",
+                        help="override a method's default param (e.g. wudi.iterations=40); recorded in each row's merge_params")
     args = parser.parse_args()
     if not all(2 <= k <= len(TASKS) for k in args.tasks):
         parser.error(f"--tasks: each K must be between 2 and {len(TASKS)}")
+    unknown = sorted(set(args.methods or []) - set(METHOD_NAMES))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; known: {', '.join(METHOD_NAMES)}")
+    for override in args.set:
+        block, dot, rest = override.partition("=")[0].partition(".")
+        if block not in METHOD_NAMES or not dot or not rest or "=" not in override:
+            parser.error(f"--set {override!r}: expected METHOD.PARAM=VALUE with METHOD one of {', '.join(METHOD_NAMES)}")
+    methods = list(METHOD_NAMES) if args.methods is None else [m for m in METHOD_NAMES if m in {*args.methods, "task_arithmetic"}]
     if not Path("/usr/bin/time").is_file():
         parser.error("needs GNU time at /usr/bin/time (peak RSS of each stage)")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="catmerge-scale-"))
+    command = ["python", "benchmarks/scale.py", *sys.argv[1:]]
+    measured = code()
     rows = []
     for k in args.tasks:
-        rows.append(measure(args.arch, k, workdir.resolve(), args.precision, args.keep))
+        rows.append(measure(args.arch, k, workdir.resolve(), args.precision, args.keep, methods, args.merge_timeout, args.set))
         r = rows[-1]
+        merges = ", ".join(f"{m} {r[f'merge_{m}']['seconds']} s ({r[f'merge_{m}']['peak_rss_mb']} MB)" if m not in r["failed"]
+                           else f"{m} FAILED" for m in methods)
         print(f"{args.arch} K={k}: task_vectors {r['task_vectors']['seconds']} s, features {r['features']['seconds']} s, "
-              f"bases {r['bases']['seconds']} s ({r['bases']['peak_rss_mb']} MB), merge TA {r['merge_task_arithmetic']['seconds']} s, "
-              f"merge CAT {r['merge_cat']['seconds']} s ({r['merge_cat']['peak_rss_mb']} MB)", flush=True)
+              f"bases {r['bases']['seconds']} s ({r['bases']['peak_rss_mb']} MB); merge: {merges}", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")  # each row as it lands
+        args.out.write_text(json.dumps({"machine": machine(), "command": command, "code": measured, "rows": rows}, indent=2) + "\n")  # each row as it lands
     if args.workdir is None and not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
+    failed = sorted({f"{m} (K={r['tasks']})" for r in rows for m in r["failed"]})
+    if failed:
+        sys.exit(f"merge methods that failed: {', '.join(failed)} (errors in {args.out})")
 
 
 if __name__ == "__main__":

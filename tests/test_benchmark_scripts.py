@@ -45,8 +45,8 @@ TINY = {
                                  out="variants/variants.json"),
     "methods_table.py": Tiny(("--run", "tiny={project}", "--out", "{out}"), frozenset({"tiny"})),
     "regime.py": Tiny(("--run", "tiny={project}", "--alphas", "0.3", "--out", "{out}"), frozenset({"tiny"})),
-    "scale.py": Tiny(("--arch", "micro-clip", "--tasks", "2", "--workdir", "{tmp}/scale", "--keep", "--out", "{out}"),
-                     frozenset({"machine", "rows"}), needs_project=False),
+    "scale.py": Tiny(("--arch", "micro-clip", "--tasks", "2", "--set", "wudi.iterations=5", "--workdir", "{tmp}/scale", "--keep", "--out", "{out}"),
+                     frozenset({"machine", "command", "code", "rows"}), needs_project=False),
 }
 
 
@@ -101,13 +101,22 @@ def test_script_on_its_own(script, tmp_path):
 
 
 def check_scale(result: dict, project: Path) -> None:
-    """Every stage timed, and the synthetic project is what the stages make: each artifact is
-    vouched for by its manifest, as the next stage would check it."""
+    """Every stage timed, the merge once per method of the registry (found, not listed), and the
+    synthetic project is what the stages make: each artifact is vouched for by its manifest, as the
+    next stage would check it."""
     from catmerge import layout
+    from catmerge.merging import METHOD_NAMES
 
     (row,) = result["rows"]
-    for stage in ("task_vectors", "features", "bases", "merge_task_arithmetic", "merge_cat"):
+    assert row["methods"] == list(METHOD_NAMES) and row["failed"] == []
+    for stage in ("task_vectors", "features", "bases", *(f"merge_{m}" for m in METHOD_NAMES)):
         assert row[stage]["seconds"] > 0 and row[stage]["peak_rss_mb"] > 0, stage
+    assert set(row["merge_seconds_over_task_arithmetic"]) == set(METHOD_NAMES)
+    assert row["merge_params"]["wudi"]["iterations"] == 5  # --set
+    assert row["train_images_per_task"] == 4  # 6 written, 2 carved off for validation
+    for method in ("regmean", "regmean_plusplus"):
+        if method in METHOD_NAMES:  # they read the whole train split as exemplars
+            assert row["exemplars"][method] == row["merge_params"][method]["exemplars"] == 4
     tasks = ["sun397", "stanford-cars"]
     layout.checked_pretrained(root=project)
     for task in tasks:
@@ -118,4 +127,15 @@ def check_scale(result: dict, project: Path) -> None:
             layout.checked_expert(task, name, root=project)
         layout.checked_task_vector(task, root=project)
         layout.checked_features(task, root=project)
-    layout.checked_merged("cat", root=project)  # the last merge run: CAT alone
+    layout.checked_merged(METHOD_NAMES[-1], root=project)  # the last merge run: the last method alone
+
+
+@pytest.mark.parametrize(("args", "message"), [(("--methods", "nope"), "--methods: unknown ['nope']"),
+                                              (("--set", "nope.alpha=1"), "--set 'nope.alpha=1': expected METHOD.PARAM=VALUE"),
+                                              (("--set", "wudi.iterations"), "--set 'wudi.iterations': expected METHOD.PARAM=VALUE")])
+def test_scale_refuses_an_unknown_method_or_override(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "scale.py"), "--arch", "micro-clip", "--tasks", "2", *args,
+                           "--out", str(tmp_path / "out.json")], cwd=tmp_path, env=script_env(tmp_path), capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not (tmp_path / "out.json").exists()
