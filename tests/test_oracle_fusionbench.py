@@ -48,6 +48,7 @@ ISO_C = "fusion_bench.method.isotropic_merging.iso:ISO_C_Merge"
 ISO_CTS = "fusion_bench.method.isotropic_merging.iso:ISO_CTS_Merge"
 ISO_CTS_FN = "fusion_bench.method.isotropic_merging.iso_utils:iso_cts"
 WUDI_FN = "fusion_bench.method.wudi.wudi:wudi_merging"  # its Adam lr is fixed at 1e-5
+REGMEAN_PLUSPLUS = "fusion_bench.method.regmean_plusplus.clip_regmean_plusplus:RegMeanAlgorithmForCLIPPlusPlus"
 
 
 # --- the oracle process -------------------------------------------------------------------------
@@ -59,6 +60,10 @@ def _oracle_worker() -> None:
       ("algorithm", "module:Class", init_kwargs, {name: state_dict}) -> the fused model's state dict,
           Class(**init_kwargs).run(pool) on a model pool of nn.Modules built from the state dicts
           ("_pretrained_" is theta_0), as FusionBench's programs run an algorithm
+      ("clip_regmean_plusplus", "module:Class", init_kwargs, vision_config, {name: state_dict},
+       {name: pixel_values}, layer_tuples) -> the fused model's state dict: Class (FusionBench's
+          RegMeanAlgorithmForCLIPPlusPlus) run on HF CLIPVisionModelWithProjection models built
+          from the state dicts, with only its data plumbing replaced (below)
     An exception becomes ("raised", its type's name, its message)."""
     import importlib
     import importlib.metadata
@@ -113,7 +118,63 @@ def _oracle_worker() -> None:
             fused = resolve(target)(**init).run(BaseModelPool(models))
         return {key: value.detach().clone() for key, value in fused.state_dict().items()}
 
-    operations = {"call": call, "algorithm": algorithm}
+    def clip_regmean_plusplus(target, init, config, pool, pixels, layer_tuples):
+        """FusionBench's CLIP RegMean++ with its own run loop, Gram hooks (get_regmean_weights),
+        embedding merge, layer forwards and RegMean solve; replaced is only what needs datasets, a
+        Fabric or a zero-shot head: no head (nothing here reads logits), a Fabric whose setup
+        hands the module back, and the first layer's input (its compute_input: embeddings, then
+        pre_layrnorm) from every pixel tensor of the task in one batch, in order (no shuffling).
+        layer_tuples: transformers 5's encoder layers return a tensor where 4's returned
+        (hidden_states,), which FusionBench's layer_batches_forward unpacks with [0]: True wraps
+        each layer to return the 1-tuple again; False leaves them as installed. The shipped class
+        does not construct in 0.2.33 (see its _config_mapping below)."""
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        def as_tuple(forward):
+            def forward_as_in_transformers_4(*args, **kwargs):
+                out = forward(*args, **kwargs)
+                return (out,) if isinstance(out, torch.Tensor) else out
+            return forward_as_in_transformers_4
+
+        def as_clip(state_dict):
+            model = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
+            model.to(next(iter(state_dict.values())).dtype).load_state_dict(state_dict)
+            if layer_tuples:
+                for layer in model.vision_model.encoder.layers:
+                    layer.forward = as_tuple(layer.forward)
+            return model.eval()
+
+        class ModulesOnly:  # the one Fabric call left: get_regmean_weights' fabric.setup(layer)
+            @staticmethod
+            def setup(module):
+                return module
+
+        class Exemplars(BaseModelPool):
+            def load_train_dataset(self, dataset_name, *args, **kwargs):
+                return pixels[dataset_name]
+
+        shipped = resolve(target)
+        generic = importlib.import_module("fusion_bench.method.regmean_plusplus.regmean_plusplus").RegMeanAlgorithmPlusPlus
+
+        class Plumbing(shipped):
+            # the shipped class's plain-dict _config_mapping (no .inverse) breaks the generic class's
+            # auto-registering __init__: extend the generic mapping, as its other classes do
+            _config_mapping = generic._config_mapping | shipped._config_mapping
+
+            def on_regmean_start(self):
+                self.fabric = ModulesOnly()
+
+            def get_input_for_first_layer(self, model, train_dataset):
+                image_embeds = model.vision_model.embeddings(train_dataset.to(model.device))
+                image_embeds = model.vision_model.pre_layrnorm(image_embeds)
+                return [image_embeds.detach().cpu()]
+
+        models = {name: as_clip(state_dict) for name, state_dict in pool.items()}
+        with torch.no_grad():
+            fused = Plumbing(**init).run(Exemplars(models))
+        return {key: value.detach().clone() for key, value in fused.state_dict().items()}
+
+    operations = {"call": call, "algorithm": algorithm, "clip_regmean_plusplus": clip_regmean_plusplus}
     pickle.dump(("ready", fusion_bench.__name__, importlib.metadata.version("fusion-bench")), protocol)
     protocol.flush()
     while True:
@@ -179,6 +240,11 @@ class Oracle:
         pool = {"_pretrained_": pretrained}
         pool.update({f"task{i}": {key: pretrained[key] + tv[key] for key in pretrained} for i, tv in enumerate(task_vectors)})
         return self._ask("algorithm", target, init, pool)
+
+    def clip_regmean_plusplus(self, init: dict, config: dict, pretrained: dict, experts: dict, pixels: dict,
+                              layer_tuples: bool = True) -> dict:
+        pool = {"_pretrained_": pretrained, **experts}
+        return self._ask("clip_regmean_plusplus", REGMEAN_PLUSPLUS, init, config, pool, pixels, layer_tuples)
 
     def close(self):
         if self.process.stdin:
@@ -599,6 +665,112 @@ def test_regmean_singular_gram(oracle):
     # its answer is ours plus whatever rounding-level pivots make of the unreached directions: over
     # 40 seeds here, off by 12 to 1e4 times the answer's size
     assert not torch.isfinite(theirs).all() or relative_gap(theirs, ours) > 1.0
+
+
+# --- RegMean++ ----------------------------------------------------------------------------------
+
+# A tiny HF CLIP vision tower: 2 encoder layers, width 16, MLP 32, 16 patches + the class token.
+CLIP_VISION = {"image_size": 32, "patch_size": 8, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+               "num_attention_heads": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-5, "projection_dim": 8}
+AFTER_THE_LAYERS = ("vision_model.post_layernorm.", "visual_projection.")
+
+
+def _clip_case(seed: int, tasks: int = 3, images: int = 4):
+    """(tower, theta_0, {task: expert}, {task: uint8 images}): a float64 catmerge HF CLIP tower,
+    experts moved from theta_0 in every tensor, the same number of exemplar images per task."""
+    from catmerge.models import hf_clip_image_tower
+
+    torch.manual_seed(seed)
+    vision = {k: v for k, v in CLIP_VISION.items() if k != "projection_dim"}
+    tower = hf_clip_image_tower({"embed_dim": CLIP_VISION["projection_dim"], "vision_cfg": vision}).double().eval()
+    theta0 = {key: value.detach().clone() for key, value in tower.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed + 100)
+    names = [f"task{t}" for t in range(tasks)]
+    experts = {name: {key: value + 0.05 * torch.randn(value.shape, generator=gen, dtype=value.dtype) * (value.abs().mean() + 1e-3)
+                      for key, value in theta0.items()} for name in names}
+    exemplars = {name: torch.randint(0, 256, (images, 32, 32, 3), generator=gen, dtype=torch.uint8) for name in names}
+    return tower, theta0, experts, exemplars
+
+
+def _oracle_regmean_plusplus(oracle, theta0, experts, exemplars, scale, layer_tuples=True):
+    """FusionBench's RegMean++ on the pixel values catmerge's capture feeds the tower (its
+    evaluation preprocessing of the same uint8 images), all of a task's exemplars in one batch."""
+    from catmerge.models import normalize_images
+
+    init = {"num_regmean_examples": len(next(iter(exemplars.values()))), "exclude_param_names_regex": [],
+            "reduce_non_diagonal_ratio": scale, "weight_transpose": True, "dataloader_kwargs": {}}
+    pixels = {name: normalize_images(images) for name, images in exemplars.items()}
+    return oracle.clip_regmean_plusplus(init, CLIP_VISION, theta0, experts, pixels, layer_tuples)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.9])
+def test_regmean_plusplus_agrees_on_clip_towers(oracle, scale):
+    """FusionBench's RegMeanAlgorithmForCLIPPlusPlus (its run loop, Gram hooks, embedding merge,
+    layer forwards, RegMean solve; only the data plumbing replaced) against catmerge.merge, float64
+    towers, 3 tasks of 4 images (68 token rows each: the per-row averaging of FusionBench's Grams
+    cancels). Embeddings and pre_layrnorm: the mean on both sides; each encoder layer: RegMean on
+    its inputs through the merged embeddings and layers before it (largest gap about 3e-7: catmerge
+    captures the rows in float32). Pinned: FusionBench leaves what follows the last encoder layer
+    (post_layernorm, visual_projection) at theta_0, catmerge merges it (the mean of the experts,
+    alpha 1). Plain RegMean (each expert's own inputs) is 3 to 13 % off: the check sees the
+    difference RegMean++ makes."""
+    import catmerge
+
+    tower, theta0, experts, exemplars = _clip_case(70)
+    ours = catmerge.merge("regmean_plusplus", theta0, experts, exemplars=exemplars, model=tower,
+                          nondiagonal_scale=scale, alpha=1.0)
+    theirs = _oracle_regmean_plusplus(oracle, theta0, experts, exemplars, scale)
+    assert set(ours) == set(theirs) == set(theta0)
+    assert all(ours[key].dtype == theirs[key].dtype == torch.float64 for key in theta0)
+    layers = {key for key in theta0 if not key.startswith(AFTER_THE_LAYERS)}
+    assert {key for key in layers if ".encoder.layers.1." in key} and {key for key in layers if key.startswith("vision_model.embeddings.")}
+    assert_agree({k: v for k, v in update(ours, theta0).items() if k in layers},
+                 {k: v for k, v in update(theirs, theta0).items() if k in layers}, what=f"RegMean++, scale {scale}")
+    after = sorted(set(theta0) - layers)
+    assert after == ["vision_model.post_layernorm.bias", "vision_model.post_layernorm.weight", "visual_projection.weight"]
+    assert all(torch.equal(theirs[key], theta0[key]) for key in after)
+    mean = {key: sum(expert[key] for expert in experts.values()) / len(experts) - theta0[key] for key in after}
+    assert_agree({key: update(ours, theta0)[key] for key in after}, mean, what="RegMean++ after the last layer")
+
+    plain = catmerge.merge("regmean", theta0, experts, exemplars=exemplars, model=tower, nondiagonal_scale=scale, alpha=1.0)
+    fc2 = "vision_model.encoder.layers.1.mlp.fc2.weight"
+    assert relative_gap(update(plain, theta0)[fc2], update(theirs, theta0)[fc2]) > 1e-3
+
+
+def test_regmean_plusplus_fusionbench_under_transformers_5(oracle):
+    """Pinned oracle fault: FusionBench 0.2.33's `layer_batches_forward` takes `layer(...)[0]`,
+    the hidden states in transformers 4's (hidden_states,) tuple; transformers 5's encoder layers
+    return the tensor itself, so [0] is the first exemplar's (17, 16) hidden states: the next
+    layer's Grams see one image, and its attention, fed 2-D hidden states, splits heads along the
+    wrong axes (out_proj's and fc2's inputs are no attention output). As installed (no tuple
+    wrapper) nothing raises, the embeddings and layer 0 still agree, and layer 1 is far off (50 to
+    260 % on the tower above)."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4 encoder layers return (hidden_states,): FusionBench's [0] is right there")
+    import catmerge
+
+    tower, theta0, experts, exemplars = _clip_case(71)
+    ours = update(catmerge.merge("regmean_plusplus", theta0, experts, exemplars=exemplars, model=tower,
+                                 nondiagonal_scale=1.0, alpha=1.0), theta0)
+    theirs = update(_oracle_regmean_plusplus(oracle, theta0, experts, exemplars, 1.0, layer_tuples=False), theta0)
+    early = [key for key in theta0 if key.startswith(("vision_model.embeddings.", "vision_model.pre_layrnorm.", "vision_model.encoder.layers.0."))]
+    assert_agree({key: ours[key] for key in early}, {key: theirs[key] for key in early}, what="RegMean++ up to layer 0, transformers 5")
+    fc1 = "vision_model.encoder.layers.1.mlp.fc1.weight"
+    assert relative_gap(ours[fc1], theirs[fc1]) > 1e-3
+
+
+def test_regmean_plusplus_clip_class_does_not_construct(oracle):
+    """Pinned oracle fault: FusionBench 0.2.33's RegMeanAlgorithmForCLIPPlusPlus sets
+    `_config_mapping` to a plain dict and is not @auto_register_config'd, so the auto-registering
+    __init__ it inherits looks up `_config_mapping.inverse` and raises (hydra's instantiate of its
+    shipped clip_regmean_plusplus.yaml too). The oracle's subclass extends the generic class's
+    mapping instead, and changes nothing else."""
+    with pytest.raises(OracleRaised) as raised:
+        oracle.call(REGMEAN_PLUSPLUS, num_regmean_examples=4, exclude_param_names_regex=[], reduce_non_diagonal_ratio=1.0,
+                    weight_transpose=True, dataloader_kwargs={})
+    assert raised.value.kind == "AttributeError" and "inverse" in str(raised.value)
 
 
 # --- TSV-M, Iso-C, Iso-CTS ----------------------------------------------------------------------
