@@ -32,14 +32,15 @@ def compress(captured: dict[str, torch.Tensor], norm_inputs: set[str]) -> dict[s
     return out
 
 
-def exemplar_indices(count: int, available: int, data_seed: int, task: str) -> torch.Tensor:
+def exemplar_indices(count: int, available: int, data_seed: int, task: str, param: str = "cat.exemplars") -> torch.Tensor:
     """The `count` train images task `task` takes as exemplars (sorted), drawn with a seed from
-    `data_seed` and the task name: the same images whatever the other tasks are."""
+    `data_seed` and the task name: the same images whatever the other tasks are. `param` names
+    the setting that asked for `count`, for the error when the split is smaller."""
     from .benchmark.training import task_seed
     from .params import ParamsError
 
     if count > available:
-        raise ParamsError(f"{task}: {count} images asked for (cat.exemplars or held-out images), the split has only {available}")
+        raise ParamsError(f"{param} = {count}: task {task}'s train split has only {available} images (lower {param})")
     generator = torch.Generator().manual_seed(task_seed(data_seed, task))
     return torch.randperm(available, generator=generator)[:count].sort().values
 

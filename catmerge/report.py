@@ -50,8 +50,9 @@ def comparison(metrics: dict, selection: dict) -> tuple[list, dict]:
     table = []
     for r in rows:
         entry = selection["methods"].get(r, {})
-        edges = set(entry.get("at_grid_edge", []))
-        chosen = ", ".join(f"{k}={v}" + (" (grid edge)" if k in edges else "") for k, v in entry.get("chosen", {}).items())
+        edges, limits = set(entry.get("at_grid_edge", [])), set(entry.get("at_param_limit", []))
+        chosen = ", ".join(f"{k}={v}" + (" (grid edge)" if k in edges else " (its limit)" if k in limits else "")
+                           for k, v in entry.get("chosen", {}).items())
         chosen = chosen or ("-" if r in REFERENCE_ROWS else "fixed")
         val = entry.get("average")
         table.append([r, *(_fmt(per_task[t][r]) for t in tasks), _fmt(metrics["average"][r]), _fmt(metrics["normalized_average"][r]),
@@ -62,7 +63,8 @@ def comparison(metrics: dict, selection: dict) -> tuple[list, dict]:
         ("p", (f"Top-1 accuracy (%) per task. Hyperparameters were chosen on the validation splits only; "
               f"normalized = merged / expert accuracy per task, averaged; 'tasks best' counts the tasks where "
               f"a method has the highest accuracy among the merges (ties count for each). A value marked "
-              f"'grid edge' is the smallest or largest candidate: the grid may be too narrow. Best average: {best}.")),
+              f"'grid edge' is the smallest or largest candidate: the grid may be too narrow; 'its limit' is a candidate "
+              f"at the end of the param's allowed range (TIES k = 100, a scale of 0 or 1). Best average: {best}.")),
         ("table", header, table),
         ("figure", "accuracy.png", "Test accuracy per task and method."),
     ]

@@ -163,14 +163,29 @@ def select(ws: Workspace, cache_dir: str | Path, log=print) -> dict:
         out["methods"][method] = {
             "grid": grid,
             "chosen": chosen,
-            # chosen at the smallest or largest candidate: the best may lie outside the grid
-            "at_grid_edge": [k for k, v in chosen.items() if _numeric(grid[k]) and v in (min(grid[k]), max(grid[k]))],
+            # chosen at the smallest or largest candidate: the best may lie outside the grid, unless
+            # that candidate is the param's own limit (TIES k = 100, RegMean nondiagonal_scale = 0)
+            "at_grid_edge": [k for k, v in chosen.items() if _numeric(grid[k]) and v in (min(grid[k]), max(grid[k]))
+                             and v not in _closed_limits(method, k)],
+            "at_param_limit": [k for k, v in chosen.items() if _numeric(grid[k]) and v in _closed_limits(method, k)],
             "params": rows[best]["params"],
             "average": rows[best]["average"],
             "candidates": rows,
         }
     log(f"select: {evaluated} candidates evaluated, {len(plan) - evaluated} from the cache")
     return out
+
+
+def _closed_limits(method: str, key: str) -> set:
+    """The values `<method>.<key>` may not go beyond (its params field's ge / le), so a grid cannot
+    be widened past them."""
+    from annotated_types import Ge, Le
+
+    from .merging import params_class
+
+    field = params_class(method).model_fields.get(key)
+    metadata = field.metadata if field is not None else []
+    return {m.ge for m in metadata if isinstance(m, Ge)} | {m.le for m in metadata if isinstance(m, Le)}
 
 
 def _numeric(values: list) -> bool:

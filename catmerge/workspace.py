@@ -75,9 +75,9 @@ class Workspace:
         wanted = needs(method)
         inputs = MergeInputs(names=[f"{self.path(layout.dataset_dir(t) / 'train.parquet')} (exemplars)" for t in self.params.tasks])
         if wanted & {"layer_inputs", "exemplars"}:
-            inputs.model, inputs.exemplars = self.tower, self.exemplars(method_params.exemplars)
+            inputs.model, inputs.exemplars = self.tower, self.exemplars(method_params.exemplars, f"{method}.exemplars")
         if "layer_inputs" in wanted:
-            inputs.pieces, inputs.layer_inputs = self.expert_layer_inputs(method_params.exemplars)
+            inputs.pieces, inputs.layer_inputs = self.expert_layer_inputs(method_params.exemplars, f"{method}.exemplars")
         if "removals" in wanted:
             inputs.removals = self.removals(method_params)
         return inputs
@@ -91,7 +91,7 @@ class Workspace:
             self._scratch_dir = tempfile.TemporaryDirectory(prefix=f".workspace.{os.getpid()}.", suffix=".tmp", dir=base)
         return Path(self._scratch_dir.name)
 
-    def exemplars(self, count: int) -> list:
+    def exemplars(self, count: int, param: str = "cat.exemplars") -> list:
         """Per task, `count` unlabeled train images, drawn with a seed from data_seed and the task
         (the features stage's draw: CAT's exemplars are the first of them)."""
         from .features import exemplar_indices
@@ -99,10 +99,10 @@ class Workspace:
         out = []
         for task in self.params.tasks:
             train = self.split(task, "train")
-            out.append(train.images[exemplar_indices(count, len(train.labels), self.params.data_seed, task)])
+            out.append(train.images[exemplar_indices(count, len(train.labels), self.params.data_seed, task, param)])
         return out
 
-    def expert_layer_inputs(self, count: int) -> tuple[list, list]:
+    def expert_layer_inputs(self, count: int, param: str = "regmean.exemplars") -> tuple[list, list]:
         """(linear pieces, q/k/v fused; per task its linear-layer inputs on `count` exemplars
         through its own expert), computed once per count."""
         if count not in self._layer_inputs:
@@ -114,7 +114,7 @@ class Workspace:
             spill = self._scratch() / f"layer-inputs-{count}"
             spill.mkdir()
             per_task = []
-            for tv, images, task in zip(self.task_vectors, self.exemplars(count), self.params.tasks):
+            for tv, images, task in zip(self.task_vectors, self.exemplars(count, param), self.params.tasks):
                 tensors, _, _ = capture(self.tower, apply_task_vector(self.pretrained, tv), images)
                 layer_inputs(tensors, f"{task} exemplars")  # checks: finite, known forms
                 save_weights(tensors, spill / f"{task}.safetensors", {"task": task})

@@ -28,6 +28,7 @@ def main() -> None:
                 (out / f"{method}.csv").write_text("\n".join(lines) + "\n")
     for method, entry in selection["methods"].items():
         edge = f" (at the grid edge: {', '.join(entry['at_grid_edge'])})" if entry["at_grid_edge"] else ""
+        edge += f" (at the param's limit: {', '.join(entry['at_param_limit'])})" if entry["at_param_limit"] else ""
         print(f"{method}: chose {entry['chosen'] or '(fixed params)'}, val average {entry['average']:.2f}{edge}")
 
 

@@ -62,6 +62,25 @@ def test_a_grid_extended_by_one_value_costs_one_evaluation(project_copy):
     assert pcb["at_grid_edge"] == (["alpha"] if pcb["chosen"]["alpha"] in (0.5, 1.5) else [])
 
 
+def test_a_choice_at_the_params_own_limit_is_not_a_grid_edge(project_copy):
+    # TIES k = 100 (keep everything) cannot be widened past; k = 40 at the bottom of [40, 100] can.
+    original = (project_copy / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["select"]["ties"] = {"k": [40, 100], "alpha": [0.5, 1.0]}
+    write_params(project_copy / "params.yaml", params)
+    try:
+        output = run_select(project_copy)
+    finally:
+        (project_copy / "params.yaml").write_text(original)
+    ties = json.loads((project_copy / "metrics/selection.json").read_text())["methods"]["ties"]
+    if ties["chosen"]["k"] == 100:
+        assert "k" in ties["at_param_limit"] and "k" not in ties["at_grid_edge"]
+        assert "at the param's limit: k" in output
+    else:
+        assert "k" in ties["at_grid_edge"] and "k" not in ties["at_param_limit"]
+    assert ("alpha" in ties["at_grid_edge"]) and ties["at_param_limit"] in (["k"], [])  # alpha has no upper limit
+
+
 def test_a_cat_grid_over_c_recomputes_removals_for_other_values(project_copy):
     from catmerge.io import read_metadata
 
