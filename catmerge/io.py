@@ -436,7 +436,7 @@ def read_json(path: str | Path) -> Any:
         raise ArtifactError(f"missing JSON file: {path}")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # UnicodeDecodeError: not even text
         raise ArtifactError(f"invalid JSON in {path}: {exc}") from exc
 
 

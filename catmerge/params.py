@@ -139,9 +139,28 @@ class HubParams(Strict):
             unknown = sorted(set(fields) - set(HUB_TASK_FIELDS))
             if unknown:
                 raise ValueError(f"{task}: unknown field(s) {unknown}; allowed: {', '.join(HUB_TASK_FIELDS)}")
+            for key, value in fields.items():  # strictly of the type HubTask declares
+                try:
+                    _hub_task_field(key).validate_python(value)
+                except ValidationError as exc:
+                    raise ValueError(f"hub.datasets.{task}.{key} = {value!r}: {exc.errors()[0]['msg']}") from None
             if "files" in fields:
                 check_relative_pattern(fields["files"], f"hub.datasets.{task}.files")
+            for split in (fields.get("splits") or {}).values():  # formatted into the files pattern
+                check_plain_name(split, f"hub.datasets.{task}.splits value")
         return overrides
+
+
+def _hub_task_field(name: str):
+    """A strict validator (a pydantic TypeAdapter) of field `name` of catmerge/hub_datasets.py's
+    HubTask, from its annotation."""
+    from typing import get_type_hints
+
+    from pydantic import ConfigDict, TypeAdapter
+
+    from .hub_datasets import HubTask
+
+    return TypeAdapter(get_type_hints(HubTask)[name], config=ConfigDict(strict=True))
 
 
 class EvaluateParams(Strict):
@@ -153,6 +172,8 @@ class SelectLimits(Strict):
     included) is refused before any work; the cost of a large one is estimated and printed first."""
 
     max_candidates: int = Field(default=1000, ge=1, description="most grid points `select` scores in one run")
+    warn_candidates: int = Field(default=100, ge=0, description="more candidates to score than this: `select` first "
+                                 "prints how long they will take, from the times its cache records")
 
 
 class CoreParams(Strict):
@@ -311,12 +332,20 @@ def candidates(params: Params, method: str) -> list[dict[str, Any]]:
     return [dict(zip(grid, values)) for values in product(*grid.values())]
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader (no tags run), reading `1e-5` as a float, as YAML 1.2 and DVC do (YAML 1.1
+    wants a dot, `1.0e-5`, and strict params would refuse the string `dvc exp run -S wudi.lr=1e-5` leaves)."""
+
+
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"missing params file: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_YamlLoader) or {}
     except yaml.YAMLError as exc:  # one line: where it broke, not a parser traceback
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""

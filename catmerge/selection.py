@@ -95,11 +95,11 @@ def cached_scores(path: Path, method: str, full_params: dict, digest: str, code:
     try:
         entry = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, f"unreadable ({exc.__class__.__name__}: {exc})"
+        return None, f"unreadable: {exc.__class__.__name__}: {exc}"
     if not isinstance(entry, dict):
         return None, "not a JSON object"
     if entry.get("sha256") != _entry_checksum(entry):
-        return None, "its checksum does not match its content (edited or damaged)"
+        return None, "its checksum does not match its content: edited or damaged"
     expected = {"method": method, "params": _key_params(full_params), "inputs_sha256": digest, "code_sha256": code, "tasks": list(tasks)}
     differ = [key for key, value in expected.items() if entry.get(key) != value]
     if differ:
@@ -115,6 +115,34 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def cost_estimate(cache_dir: Path, to_score: dict[str, int], threshold: int) -> str | None:
+    """With more than `threshold` candidates to score, the line that says how long they will take:
+    per method, its count times the median `seconds` its entries in the cache record (entries of
+    other inputs or code too: a time, not a score, is all that is read), before any scoring."""
+    total = sum(to_score.values())
+    if total <= threshold:
+        return None
+    times: dict[str, list[float]] = {}
+    for path in sorted(cache_dir.glob("*.json")) if cache_dir.is_dir() else []:
+        try:
+            entry = json.loads(path.read_text())
+            method, seconds = entry["method"], entry["seconds"]
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+        if isinstance(method, str) and method in to_score and isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and 0 < seconds < 1e7:
+            times.setdefault(method, []).append(float(seconds))
+    known = {m: statistics.median(times[m]) for m in to_score if to_score[m] and m in times}
+    parts = [f"{m} {n} x {known[m]:.1f} s" for m, n in to_score.items() if n and m in known]
+    unknown = [f"{m} {n}" for m, n in to_score.items() if n and m not in known]
+    line = f"select: {total} candidates to score (more than select_limits.warn_candidates = {threshold})"
+    if known:
+        estimate = sum(to_score[m] * seconds for m, seconds in known.items())
+        line += f"; about {_duration(estimate)} at the times {cache_dir} records ({', '.join(parts)})"
+    if unknown:
+        line += f"; {', '.join(unknown)}: no time recorded yet, known after the first candidate"
+    return line
 
 
 def select(ws: Workspace, cache_dir: str | Path, log=print) -> dict:
@@ -135,10 +163,14 @@ def select(ws: Workspace, cache_dir: str | Path, log=print) -> dict:
             path = _cache_path(cache_dir, method, full, digest, code)
             scores, problem = cached_scores(path, method, full, digest, code, tasks)
             if problem:
-                log(f"select cache: {path} {problem}; recomputing it")
+                log(f"select: cache entry {path} ignored ({problem}); scoring again")
             plan.append((method, point, chosen_params, full, code, path, scores))
     to_score = sum(scores is None for *_, scores in plan)
     log(f"select: {len(plan)} candidates, {len(plan) - to_score} from the cache, {to_score} to score on {SPLIT}")
+    counts = {m: sum(scores is None for method, *_, scores in plan if method == m) for m in ws.params.merge.methods}
+    estimate = cost_estimate(cache_dir, counts, ws.params.select_limits.warn_candidates)
+    if estimate:
+        log(estimate)
     # what each method needs beyond the task vectors (CAT's bases ...), checked before any scoring
     ws.check_inputs({method: chosen for method, _, chosen, *_, scores in reversed(plan) if scores is None}, SPLIT)
     evaluated = 0

@@ -83,15 +83,22 @@ def load_task_vector(pretrained: Weights, path, task: str | None = None) -> Weig
     metadata (`task` when given; every tensor of the dtype it records) from its header; read one
     tensor at a time. Errors name the file."""
     delta = WeightsFile(path)
+    check_own_claims(delta, task)
+    check_task_vector(pretrained, delta, str(path))
+    return delta
+
+
+def check_own_claims(delta: WeightsFile, task: str | None = None) -> None:
+    """What a task vector file says of itself, checked from its header alone: its metadata says
+    `task` (when given), and every tensor is of the dtype the metadata records (a file rewritten in
+    float16 still claiming float64 is refused, naming the first tensor that differs)."""
     if task is not None:
         delta.check_claims(task=task)
     recorded = delta.metadata.get("dtype")
     if recorded is not None:
         if not isinstance(recorded, str) or not isinstance(getattr(torch, recorded, None), torch.dtype):
-            raise ArtifactError(f"{path}: its metadata records dtype {recorded!r}, not a torch dtype")
+            raise ArtifactError(f"{delta.path}: its metadata records dtype {recorded!r}, not a torch dtype")
         delta.check_dtypes(getattr(torch, recorded), "its metadata")
-    check_task_vector(pretrained, delta, str(path))
-    return delta
 
 
 def apply_task_vector(pretrained: Weights, delta: Weights, scale: float = 1.0) -> Weights:

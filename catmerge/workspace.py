@@ -130,6 +130,7 @@ class Workspace:
         checked before any work (headers and metadata, sha256s against their manifests, then what
         each method NEEDS, such as CAT's bases for its params), so a bad file stops the stage
         before it has spent time or replaced an output."""
+        self.check_headers()
         self.task_vectors  # noqa: B018 - cached properties: each checks as it loads
         self.features  # noqa: B018
         if split is not None:
@@ -139,6 +140,11 @@ class Workspace:
         for method, method_params in chosen.items():
             if needs(method):
                 self.merge_inputs(method, method_params)
+
+    def check_headers(self) -> None:
+        """The cheap checks of every task vector and features file (each says it is its task's, in
+        the dtype it records, as its manifest does), before anything is hashed."""
+        layout.check_headers(self.params.tasks, self.root)
 
     def checked_merged(self, method: str, method_params) -> WeightsFile:
         """data/merged/<method>.safetensors, vouched for by its manifest, and saying (in its

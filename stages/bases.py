@@ -11,7 +11,7 @@ Task vectors and features are read one parameter at a time: memory holds a layer
 from catmerge.cli import run_stage
 from catmerge.features import load_features
 from catmerge.io import WeightsFile
-from catmerge.layout import BASES_DIR, checked_features, checked_pretrained, checked_task_vector
+from catmerge.layout import BASES_DIR, check_headers, checked_features, checked_pretrained, checked_task_vector
 from catmerge.merging.cat import compute_removals, write_removals
 from catmerge.params import load_params, resolve_device
 from catmerge.task_vectors import load_task_vector
@@ -19,6 +19,7 @@ from catmerge.task_vectors import load_task_vector
 
 def main() -> None:
     params = load_params()
+    check_headers(params.tasks)  # every task vector and features file says it is its task's: before any hashing
     pretrained = WeightsFile(checked_pretrained())
     task_vectors = [load_task_vector(pretrained, checked_task_vector(task), task) for task in params.tasks]
     paths = [checked_features(task) for task in params.tasks]

@@ -19,6 +19,7 @@ def main() -> None:
     tasks, methods = params.tasks, params.merge.methods
     ws = Workspace(params)
     # every input checked before the first score (the outputs of the last run stay until this one succeeds)
+    ws.check_headers()  # cheap checks first: a task vector or features file of another task or dtype
     selection = read_selection(params)
     chosen = {method: chosen_params(params, selection, method) for method in methods}
     merged = {method: ws.checked_merged(method, chosen[method]) for method in methods}

@@ -10,7 +10,13 @@ from catmerge.cli import check_task_argument, run_stage
 from catmerge.data import read_split
 from catmerge.features import capture, exemplar_indices
 from catmerge.io import WeightsFile, save_weights, write_sidecar_manifest
-from catmerge.layout import checked_pretrained, checked_split, checked_task_vector, features_path
+from catmerge.layout import (
+    check_task_vector_header,
+    checked_pretrained,
+    checked_split,
+    checked_task_vector,
+    features_path,
+)
 from catmerge.models import create_image_tower, resolve_device
 from catmerge.params import ParamsError, load_params
 from catmerge.task_vectors import apply_task_vector, load_task_vector
@@ -19,6 +25,7 @@ from catmerge.task_vectors import apply_task_vector, load_task_vector
 def main(task: str) -> None:
     params = load_params()
     check_task_argument(params, task)
+    check_task_vector_header(task)  # its task and dtype, from the header: before anything is hashed
     pretrained = WeightsFile(checked_pretrained())  # read a tensor at a time, into the tower
     delta = load_task_vector(pretrained, checked_task_vector(task), task)  # cheap checks before the images are decoded
     train_path = checked_split(task, "train")

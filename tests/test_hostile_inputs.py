@@ -48,6 +48,47 @@ def test_writes_outside_the_project_are_refused_and_what_is_there_is_kept(tmp_pa
     assert (root / "data/a.safetensors").is_file()
 
 
+def test_a_hub_task_named_like_a_path_stops_the_datasets_stage_before_anything_outside_is_touched(tmp_path, monkeypatch, capsys):
+    """source hf: a task `../../../somewhere` with a hub.datasets entry used to pass params and make
+    `python -m stages.datasets` replace <project>/../somewhere (atomic_dir moves the old directory
+    aside and deletes it). Params refuse the name; with that check gone, the write guard refuses
+    the write before anything is moved or deleted."""
+    import copy
+
+    import stages.datasets as datasets_stage
+    from catmerge import params as cparams
+    from conftest import MICRO_PARAMS, write_params
+
+    root, outside = tmp_path / "project", tmp_path / "somewhere"
+    (outside / "keep").mkdir(parents=True)
+    (outside / "keep/precious.txt").write_text("keep me")
+    root.mkdir()
+    bad = "../../../somewhere"
+    params = copy.deepcopy(MICRO_PARAMS)
+    params.update(source="hf", model="hf-clip-vit-b-32", pretrain=None, finetune=None, tasks=["mnist", bad])
+    params["hub"]["datasets"] = {bad: {"repo": "someone/somewhere", "templates": ["a photo of {}."]}}
+    write_params(root / "params.yaml", params)
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(sys, "argv", ["stages.datasets", bad])
+
+    def datasets_stage_error() -> str:
+        with pytest.raises(SystemExit) as stopped:
+            run_stage("datasets", datasets_stage.main)
+        assert stopped.value.code == 2
+        return capsys.readouterr().err
+
+    assert "hub.datasets key (a task name): '../../../somewhere' is not a plain name" in datasets_stage_error()
+    monkeypatch.setattr(cparams, "check_plain_name", lambda name, where: name)  # as if a new key slipped past params
+    monkeypatch.setattr(datasets_stage, "hub_splits", lambda params, task: ({}, {"class_names": ["a"]}))
+    err = datasets_stage_error()
+    assert re.fullmatch(r"\[datasets\] error: refusing to write data/datasets/\.\./\.\./\.\./somewhere: it resolves to "
+                        rf"{re.escape(str(outside))}, outside the project {re.escape(str(root))}.*\n", err)
+    touched = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.parts[len(tmp_path.parts)] != "project")
+    assert touched == ["somewhere", "somewhere/keep", "somewhere/keep/precious.txt"]
+    assert (outside / "keep/precious.txt").read_text() == "keep me"
+    assert not (root / "data").exists()
+
+
 def test_temporaries_are_made_outside_dvc_tracked_directories(tmp_path):
     """A `dvc checkout --force` (which `dvc exp run` does) deletes unknown files inside a tracked
     directory: a stage's temporaries there would vanish mid-write."""
@@ -105,11 +146,15 @@ def copy_over(directory: Path, source: str, target: str, fix_manifest: bool) -> 
 def test_merge_refuses_swapped_or_rewritten_task_vectors_and_keeps_the_merged_models(project):
     before = hashes(project, "data/merged")
     tv = project / "data/task_vectors"
-    copy_over(tv, "textures", "mnist", fix_manifest=False)  # the manifest's sha256 gives it away
+    data = bytearray((tv / "mnist.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # a changed entry, the header intact: the manifest's sha256 gives it away
+    (tv / "mnist.safetensors").unlink()
+    (tv / "mnist.safetensors").write_bytes(bytes(data))
     proc = stage(project, ["merge"], check=False)
     assert proc.returncode == 2
     assert "[merge] error: data/task_vectors/mnist.safetensors: sha256" in proc.stderr and "mnist.manifest.json" in proc.stderr
-    copy_over(tv, "textures", "mnist", fix_manifest=True)  # and with the manifest made to fit, the file's own metadata
+    # another task's file, even with the manifest made to fit: its own metadata (checked before any hashing)
+    copy_over(tv, "textures", "mnist", fix_manifest=True)
     proc = stage(project, ["merge"], check=False)
     assert proc.returncode == 2, proc.stderr
     assert "[merge] error:" in proc.stderr and "its metadata says task 'textures', expected 'mnist'" in proc.stderr
@@ -209,16 +254,65 @@ def test_cache_entries_that_are_invented_damaged_or_for_other_inputs_are_recompu
 
     proc = stage(project, ["select"])
     log = proc.stdout
-    assert f"select cache: {entries[0].relative_to(project)} its checksum does not match its content (edited or damaged); recomputing it" in log
-    assert f"{entries[1].relative_to(project)} unreadable (JSONDecodeError" in log
-    assert f"{entries[2].relative_to(project)} its checksum does not match" in log
-    assert f"{entries[3].relative_to(project)} recorded tasks differ from this run's; recomputing it" in log
+    assert (f"select: cache entry {entries[0].relative_to(project)} ignored (its checksum does not match its content: "
+            "edited or damaged); scoring again") in log
+    assert f"select: cache entry {entries[1].relative_to(project)} ignored (unreadable: JSONDecodeError" in log
+    assert f"select: cache entry {entries[2].relative_to(project)} ignored (its checksum does not match" in log
+    assert f"select: cache entry {entries[3].relative_to(project)} ignored (recorded tasks differ from this run's); scoring again" in log
     assert "select: 15 candidates, 11 from the cache, 4 to score on val" in log
     assert re.search(r"select: \d+\.\d s for the first candidate; about (\d+ min )?\d+ s for the other 3", log)
     after = json.loads((project / "metrics/selection.json").read_text())
     assert after["methods"]["ties"] == before["methods"]["ties"]  # the same scores as before the tampering
     for entry in entries:
         assert json.loads(entry.read_text())["scores"] != invented["scores"]
+
+
+def test_a_large_grid_is_estimated_from_the_times_the_cache_records(tmp_path):
+    from catmerge.selection import cost_estimate
+
+    cache = tmp_path / "select_cache"
+    cache.mkdir()
+    for i, seconds in enumerate([2.0, 3.0, 100.0]):  # the median: one slow run does not skew it
+        (cache / f"ties-{i}.json").write_text(json.dumps({"method": "ties", "seconds": seconds}))
+    (cache / "pcb-0.json").write_text(json.dumps({"method": "pcb", "seconds": 1.5}))
+    for i, junk in enumerate(["{not json", json.dumps({"method": "pcb", "seconds": "fast"}), json.dumps(["pcb"]),
+                              json.dumps({"method": ["pcb"], "seconds": 1}), json.dumps({"method": "pcb", "seconds": float("inf")})]):
+        (cache / f"pcb-junk{i}.json").write_text(junk)  # passed over: only an estimate reads them
+    assert cost_estimate(cache, {"ties": 60, "pcb": 40}, 100) is None  # at the threshold: nothing to say
+    assert cost_estimate(cache, {"ties": 100, "pcb": 40, "wudi": 5, "cat": 0}, 100) == (
+        f"select: 145 candidates to score (more than select_limits.warn_candidates = 100); about 6 min 00 s at the times {cache} "
+        "records (ties 100 x 3.0 s, pcb 40 x 1.5 s); wudi 5: no time recorded yet, known after the first candidate")
+    assert cost_estimate(tmp_path / "none", {"wudi": 101}, 100) == (
+        "select: 101 candidates to score (more than select_limits.warn_candidates = 100); wudi 101: no time recorded yet, "
+        "known after the first candidate")
+
+
+def test_select_says_what_a_large_grid_will_cost_before_scoring_it(tmp_path, monkeypatch):
+    import copy
+    from types import SimpleNamespace
+
+    from catmerge import selection
+    from catmerge.params import Params
+    from conftest import MICRO_PARAMS
+
+    params = Params.model_validate({**copy.deepcopy(MICRO_PARAMS), "merge": {"methods": ["task_arithmetic", "ties"]},
+                                    "select": {"ties": {"alpha": [1.0, 2.0, 3.0]}},
+                                    "select_limits": {"max_candidates": 1000, "warn_candidates": 3}})
+    log: list[str] = []
+    ws = SimpleNamespace(params=params, check_inputs=lambda *a: None, merged=lambda method, chosen: chosen,
+                         score=lambda merged, split: log.append("(scoring)") or dict.fromkeys(params.tasks, 50.0))
+    monkeypatch.setattr(selection, "inputs_digest", lambda ws: "0" * 64)
+    monkeypatch.setattr(selection, "code_digest", lambda method: "code")
+    cache = tmp_path / "select_cache"
+    cache.mkdir()
+    (cache / "ties-from-another-run.json").write_text(json.dumps({"method": "ties", "seconds": 4.0}))
+    selection.select(ws, cache, log=log.append)
+    estimate = (f"select: 4 candidates to score (more than select_limits.warn_candidates = 3); about 12 s at the times {cache} "
+                "records (ties 3 x 4.0 s); task_arithmetic 1: no time recorded yet, known after the first candidate")
+    assert log[:3] == ["select: 4 candidates, 0 from the cache, 4 to score on val", estimate, "(scoring)"]
+    log.clear()
+    selection.select(ws, cache, log=log.append)  # all cached now: nothing to estimate
+    assert log[0] == "select: 4 candidates, 4 from the cache, 0 to score on val" and not any("warn_candidates" in line for line in log)
 
 
 # ---- one-line errors ------------------------------------------------------------------------
@@ -270,6 +364,15 @@ def test_metadata_that_is_not_json_is_named(tmp_path):
     save_file({"a": torch.zeros(1)}, str(path), {"catmerge": "{oops"})
     with pytest.raises(ArtifactError, match=r"w.safetensors: its 'catmerge' metadata is not JSON"):
         WeightsFile(path)
+
+
+@pytest.mark.parametrize("content", [b"{oops", b"\xff\xfe\x00 not even text"], ids=["not-json", "not-utf8"])
+def test_a_json_file_that_is_not_json_is_named(tmp_path, content):
+    path = tmp_path / "info.json"
+    path.write_bytes(content)
+    with pytest.raises(ArtifactError, match=rf"invalid JSON in {re.escape(str(path))}: ") as caught:
+        cio.read_json(path)
+    assert "\n" not in str(caught.value)
 
 
 # ---- reading large files ----------------------------------------------------------------------

@@ -70,11 +70,41 @@ def test_repo_params_are_valid():
         ({"select": {"ties": {"k": list(range(1, 101)), "alpha": [0.01 * i for i in range(1, 101)]}}},
          r"select: 10000 candidates \(ties 10000\) is more than select_limits.max_candidates = 1000"),
         ({"select_limits": {"max_candidates": 3}}, r"select: 6 candidates \(ties 4, pcb 2\) is more than select_limits.max_candidates = 3"),
+        ({"select_limits": {"max_candidates": 1000, "warn_candidates": -1}}, r"select_limits.warn_candidates = -1: .*greater than or equal to 0"),
+        ({"select_limits": {"max_candidates": 1000, "warn_candidates": True}}, r"select_limits.warn_candidates = True: Input should be a valid integer"),
+        ({"hub__val_fraction": float("nan")}, r"hub.val_fraction = nan: Input should be a finite number"),
+        ({"select": {"ties": {"k": [float("-inf")]}}}, r"select.ties.k = -inf: Input should be a finite number"),
+        ({"datasets__max_train": 200.0}, r"datasets.max_train = 200.0: Input should be a valid integer"),
+        ({"hub__allow_pickle": "yes"}, r"hub.allow_pickle = 'yes': Input should be a valid boolean"),
+        ({"hub__datasets": {"mnist": {"templates": "a photo of {}."}}}, r"hub.datasets.mnist.templates = 'a photo of \{\}.': Input should be a valid list"),
+        ({"hub__datasets": {"mnist": {"class_names": [0, 1]}}}, r"hub.datasets.mnist.class_names = \[0, 1\]: Input should be a valid string"),
     ],
 )
 def test_bad_params_are_refused_with_the_key(tmp_path, change, expected):
     with pytest.raises(ParamsError, match=expected):
         load(tmp_path, **change)
+
+
+def test_ints_are_taken_where_floats_are_expected(tmp_path):
+    """Strict, but not pedantic: `alpha: 1` is a float param's 1.0 (in a grid too); a bool or a
+    string never is."""
+    params = load(tmp_path, task_arithmetic__alpha=1, cat__lambda=2, select={"ties": {"k": [40, 60], "alpha": [1, 1.5]}})
+    assert params.task_arithmetic.alpha == 1.0 and params.cat.lambda_ == 2.0
+    assert params.select["ties"] == {"k": [40, 60], "alpha": [1, 1.5]}
+    assert params.select_limits.warn_candidates == 100
+
+
+def test_exponents_without_a_dot_are_floats_as_dvc_writes_them(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-5` as a string, which strict params refuse; DVC (YAML 1.2)
+    reads and writes it as a float (`dvc exp run -S wudi.lr=1e-6` leaves `lr: 1e-06`)."""
+    text = (ROOT / "params.yaml").read_text().replace("lr: 1.0e-5", "lr: 1e-5").replace("  alpha: 0.4 ", "  alpha: 4E-1 ", 1)
+    assert "lr: 1e-5" in text and "alpha: 4E-1" in text
+    (tmp_path / "params.yaml").write_text(text)
+    params = load_params(tmp_path / "params.yaml")
+    assert params.wudi.lr == 1e-5 and params.task_arithmetic.alpha == 0.4
+    (tmp_path / "params.yaml").write_text(text.replace("lr: 1e-5", "lr: 1e400"))
+    with pytest.raises(ParamsError, match=r"wudi.lr = inf: Input should be a finite number"):
+        load_params(tmp_path / "params.yaml")
 
 
 def test_missing_params_file_is_named(tmp_path):
@@ -105,6 +135,9 @@ HUB = {"source": "hf", "model": "hf-clip-vit-b-32", "pretrain": None, "finetune"
         ({"tasks": ["mnist"], "hub__experts__sha256": {"../mnist": "0" * 64}}, r"hub.experts.sha256 key: '../mnist' is not a plain name"),
         ({"tasks": ["mnist"], "hub__datasets": {"mnist": {"files": "../../{split}.parquet"}}},
          r"hub.datasets.mnist.files: '../../{split}.parquet' must be a relative path inside the repository"),
+        ({"tasks": ["mnist"], "hub__datasets": {"mnist": {"splits": {"train": "../../train", "test": "test"}}}},
+         r"hub.datasets.mnist.splits value: '../../train' is not a plain name"),
+        ({"tasks": ["mnist"], "hub__datasets": {"mnist": {"repo": 7}}}, r"hub.datasets.mnist.repo = 7: Input should be a valid string"),
     ],
 )
 def test_names_that_become_paths_are_refused_for_hub_sources(tmp_path, hub_change, expected):

@@ -20,9 +20,11 @@ from ..features import GRAM, ROWS
 from ..io import (
     ArtifactError,
     StateDict,
+    WeightsFile,
     atomic_dir,
     file_record,
     load_weights,
+    read_json,
     save_weights,
     specs_of,
     verify_manifest,
@@ -190,12 +192,18 @@ def read_removals(directory: str | Path, tasks: list[str]) -> tuple[list[Piece],
     """The bases stage's removals for `tasks` (in that order), checked against the manifest."""
     directory = Path(directory)
     manifest_path = directory / MANIFEST
-    manifest = verify_manifest(directory, MANIFEST)
-    missing = [key for key in ("tasks", "pieces") if key not in manifest]
+    # the cheap checks first (the manifest's task list, each file's own `task`), then the sha256s
+    if not directory.is_dir():
+        raise ArtifactError(f"missing directory: {directory}")
+    manifest = read_json(manifest_path)
+    missing = [key for key in ("tasks", "pieces") if key not in manifest] if isinstance(manifest, dict) else ["tasks", "pieces"]
     if missing:
         raise ArtifactError(f"{manifest_path}: missing keys {missing}")
     if manifest["tasks"] != list(tasks):
         raise ArtifactError(f"{manifest_path}: bases were computed for tasks {manifest['tasks']}, not {list(tasks)}")
+    for task in tasks:  # a basis file copied over another task's still says its own task
+        WeightsFile(directory / f"{task}.safetensors").check_claims(task=task)
+    manifest = verify_manifest(directory, MANIFEST)
     pieces = [Piece.from_json(p) for p in manifest["pieces"]]
     stored = [load_weights(directory / f"{task}.safetensors") for task in tasks]
     by_piece = {}
