@@ -17,6 +17,7 @@ from catmerge.io import ArtifactError
 from catmerge.merging import METHOD_NAMES, MergeInputs, merge_method, method_module, pcb, ties
 from catmerge.merging.pcb import PcbParams
 from catmerge.merging.regmean import RegMeanParams
+from catmerge.merging.regmean import solve as regmean_solve
 from catmerge.merging.ties import TiesParams
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -179,6 +180,21 @@ def test_regmean_is_the_least_squares_weight(layer):
     targets = torch.cat([x @ (theta0["w"] + d["w"]).T for x, d in zip(xs, deltas)])
     expected = torch.linalg.lstsq(torch.cat(xs), targets).solution.T
     torch.testing.assert_close(out["w"], expected, rtol=1e-9, atol=1e-9)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), tasks=st.integers(1, 4), d_out=st.integers(1, 6), d_in=st.integers(1, 12), rows=st.integers(1, 12))
+def test_regmean_solve_is_gelsds_minimum_norm_solution_singular_or_not(seed, tasks, d_out, d_in, rows):
+    """The eigendecomposition's pseudo-inverse gives LAPACK gelsd's solution, also where sum G is
+    singular (fewer rows than d_in) and the null space must keep theta_0."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [randn(g, rows, d_in) for _ in range(tasks)]
+    grams = [x.T @ x for x in xs]
+    deltas = [randn(g, d_out, d_in) for _ in range(tasks)]
+    total = sum(grams)
+    expected = torch.linalg.lstsq(total, sum(gm @ d.T for gm, d in zip(grams, deltas)), driver="gelsd").solution.T
+    scale = max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(regmean_solve(deltas, grams), expected, rtol=0, atol=1e-8 * scale)
 
 
 def test_regmean_diagonal_hand_example():

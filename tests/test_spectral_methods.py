@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from catmerge.merging import iso_c, iso_cts, merge_method, tsv_m
-from catmerge.merging._spectral import polar, top_singular
+from catmerge.merging._spectral import GRAM_MAX_CONDITION, polar, polar_and_singular_values, top_singular, top_singular_off_columns
 from catmerge.merging.iso_c import IsoCParams
 from catmerge.merging.iso_cts import IsoCtsParams
 from catmerge.merging.tsv_m import TsvMParams
@@ -54,6 +54,47 @@ def test_polar_factor_is_orthonormal_and_closest(seed, m, k):
     torch.testing.assert_close(p.T @ p, torch.eye(a.shape[1], dtype=F64), rtol=0, atol=1e-10)
     q, _ = torch.linalg.qr(randn(g, m, a.shape[1]))  # any other matrix with orthonormal columns is farther
     assert torch.linalg.norm(a - p) <= torch.linalg.norm(a - q) + 1e-12
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 30), n=st.integers(1, 30), k=st.integers(0, 12), r=st.integers(1, 30))
+def test_top_singular_off_columns_is_that_of_the_projected_matrix(seed, m, n, k, r):
+    """The Gram shortcut (no P delta formed) gives the triplets of P delta itself, tall or wide."""
+    g = torch.Generator().manual_seed(seed)
+    delta = randn(g, m, n)
+    basis, _ = torch.linalg.qr(randn(g, m, min(k, m)))
+    u, s, v = top_singular_off_columns(delta, basis, r)
+    projected = delta - basis @ (basis.T @ delta)
+    ref_u, ref_s, ref_v = top_singular(projected, r)
+    torch.testing.assert_close(s, ref_s, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close((u * s) @ v.T, (ref_u * ref_s) @ ref_v.T, rtol=1e-7, atol=1e-8)
+    assert torch.allclose(basis.T @ u, torch.zeros(basis.shape[1], u.shape[1], dtype=F64), atol=1e-8)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 40), n=st.integers(1, 40), log_cond=st.floats(0, 8))
+def test_polar_from_the_gram_is_the_svds_at_any_condition(seed, m, n, log_cond):
+    """Well-conditioned matrices take the Gram route, ill-conditioned ones (past GRAM_MAX_CONDITION)
+    the SVD: either way the polar factor and singular values are the SVD's."""
+    g = torch.Generator().manual_seed(seed)
+    p = min(m, n)
+    left, _ = torch.linalg.qr(randn(g, m, p))
+    right, _ = torch.linalg.qr(randn(g, n, p))
+    sigma = torch.logspace(0, -log_cond, p, dtype=F64)
+    x = (left * sigma) @ right.T
+    factor, s = polar_and_singular_values(x)
+    torch.testing.assert_close(s, sigma, rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(factor, left @ right.T, rtol=0, atol=1e-7)
+
+
+def test_a_singular_matrix_takes_the_svd_route():
+    g = torch.Generator().manual_seed(1)
+    x = randn(g, 9, 2) @ randn(g, 2, 6)  # rank 2: the Gram route would divide by 0
+    factor, s = polar_and_singular_values(x)
+    u, ref_s, vt = torch.linalg.svd(x, full_matrices=False)
+    assert torch.isfinite(factor).all() and GRAM_MAX_CONDITION < float("inf")
+    torch.testing.assert_close(s, ref_s)
+    torch.testing.assert_close(factor, u @ vt)
 
 
 def orthogonal_updates(g, tasks: int, m: int, n: int, rank: int):

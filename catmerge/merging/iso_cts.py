@@ -21,7 +21,7 @@ from pydantic import Field
 
 from ..io import StateDict
 from ..params_base import Strict
-from ._spectral import mean_of, per_matrix, polar, top_singular
+from ._spectral import mean_of, per_matrix, polar, top_singular, top_singular_off_columns
 
 
 class IsoCtsParams(Strict):
@@ -48,8 +48,7 @@ def merge_matrix(deltas: list[torch.Tensor], common_fraction: float) -> torch.Te
     u, s, v = top_singular(sum(deltas), common)
     us, ss, vs = [u], [s], [v]
     for d in deltas:
-        specific = d - u @ (u.T @ d)
-        ut, st, vt = top_singular(specific, per_task)
+        ut, st, vt = top_singular_off_columns(d, u, per_task)  # of d - u u^T d
         us.append(ut)
         ss.append(st)
         vs.append(vt)

@@ -68,11 +68,17 @@ def _gram(piece: Piece, inputs: list[dict[str, LayerInput]], d_in: int, scale: f
 def solve(deltas: list[torch.Tensor], grams: list[torch.Tensor]) -> torch.Tensor:
     """T* = (sum_i T_i G_i)(sum_i G_i)^+ for (d_out, d_in) deltas, as the transposed system
     (sum G) T*^T = sum_i G_i T_i^T. sum G may be singular (fewer feature rows than d_in): the
-    right-hand side lies in its range, and gelsd's minimum-norm solution has no component on its
-    null space, so directions no task's input ever reaches keep theta_0."""
+    right-hand side lies in its range, and the minimum-norm solution has no component on its null
+    space, so directions no task's input ever reaches keep theta_0. sum G is symmetric, so its
+    pseudo-inverse comes from one eigendecomposition (syevd), with the cutoff LAPACK's gelsd uses
+    by default (|eigenvalue| <= eps * d_in * the largest): the same solution as gelsd's, several
+    times faster at d_in = 3072."""
     total = sum(grams)
     rhs = sum(g @ d.T for g, d in zip(grams, deltas))
-    return torch.linalg.lstsq(total, rhs, driver="gelsd").solution.T
+    values, vectors = torch.linalg.eigh(total)
+    cutoff = values.abs().max() * total.shape[0] * torch.finfo(total.dtype).eps
+    inverse = torch.where(values.abs() > cutoff, 1.0 / values, torch.zeros_like(values))
+    return ((vectors * inverse) @ (vectors.T @ rhs)).T
 
 
 def merged_vector(task_vectors: list[StateDict], params, inputs) -> StateDict:
