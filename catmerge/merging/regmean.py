@@ -12,6 +12,7 @@ Computed in float64, returned in theta_0's dtypes.
 
 from __future__ import annotations
 
+import scipy.linalg
 import torch
 from pydantic import Field
 
@@ -65,17 +66,29 @@ def _gram(piece: Piece, inputs: list[dict[str, LayerInput]], d_in: int, scale: f
     return grams
 
 
+# Below this reciprocal condition number of sum G, the Cholesky solve (error about eps / rcond)
+# gives way to the pseudo-inverse.
+CHOLESKY_MIN_RCOND = 1e-6
+
+
 def solve(deltas: list[torch.Tensor], grams: list[torch.Tensor]) -> torch.Tensor:
     """T* = (sum_i T_i G_i)(sum_i G_i)^+ for (d_out, d_in) deltas, as the transposed system
     (sum G) T*^T = sum_i G_i T_i^T. sum G may be singular (fewer feature rows than d_in): the
     right-hand side lies in its range, and the minimum-norm solution has no component on its null
-    space, so directions no task's input ever reaches keep theta_0. sum G is symmetric, so its
-    pseudo-inverse comes from one eigendecomposition (syevd), with the cutoff LAPACK's gelsd uses
-    by default (|eigenvalue| <= eps * d_in * the largest): the same solution as gelsd's, several
-    times faster at d_in = 3072."""
+    space, so directions no task's input ever reaches keep theta_0. A well-conditioned sum G (LAPACK
+    pocon's estimate) is solved by Cholesky; any other by its pseudo-inverse from one symmetric
+    eigendecomposition, with the cutoff LAPACK's gelsd uses by default (|eigenvalue| <= eps * d_in
+    * the largest). Either way the solution is gelsd's to about 1e-10 relative (tested), at a
+    fraction of its time (gelsd: about 7 s at d_in = 3072 on 2 cores)."""
     total = sum(grams)
     rhs = sum(g @ d.T for g, d in zip(grams, deltas))
-    values, vectors = torch.linalg.eigh(total)
+    factor, info = torch.linalg.cholesky_ex(total)
+    if info == 0:
+        rcond, _ = scipy.linalg.lapack.dpocon(factor.numpy().T, float(total.abs().sum(dim=0).max()), uplo="U")
+        if rcond > CHOLESKY_MIN_RCOND:
+            return torch.cholesky_solve(rhs, factor).T
+    values, vectors = scipy.linalg.eigh(total.numpy(), driver="evd")  # evr (MRRR) put a null eigenvalue above the cutoff in a test
+    values, vectors = torch.from_numpy(values), torch.from_numpy(vectors)
     cutoff = values.abs().max() * total.shape[0] * torch.finfo(total.dtype).eps
     inverse = torch.where(values.abs() > cutoff, 1.0 / values, torch.zeros_like(values))
     return ((vectors * inverse) @ (vectors.T @ rhs)).T
