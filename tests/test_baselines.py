@@ -443,21 +443,22 @@ pcb_inputs = st.tuples(st.integers(0, 10_000), st.integers(1, 4), st.integers(1,
 
 
 @SETTINGS
-@given(case=pcb_model, drop=st.floats(0.0, 0.99), clip=st.floats(0.0, 0.49), inter=st.sampled_from(["sum", "normalized_sum", "pairwise"]), few=st.booleans())
-def test_pcb_equals_the_flattened_model(case, drop, clip, inter, few):
+@given(case=pcb_model, drop=st.floats(0.0, 0.99), clip=st.floats(0.0, 0.49), inter=st.sampled_from(["sum", "normalized_sum", "pairwise"]), few=st.booleans(), chunk=st.sampled_from([1, 5, 1 << 20]))
+def test_pcb_equals_the_flattened_model(case, drop, clip, inter, few, chunk):
     seed, tasks, rows, cols = case
     g = torch.Generator().manual_seed(seed)
     # rounded values: repeated magnitudes and scores, zeros, and entries of both signs
     deltas = [{"w": torch.round(randn(g, rows, cols) * 4) / 8, "b": torch.round(randn(g, cols) * 4) / 8} for _ in range(tasks)]
     params = PcbParams(drop_ratio=drop, clip_ratio=clip, inter=inter, alpha=1.0)
     expected = released_reference(deltas, params)
-    limit = pcb.GATHER_LIMIT
+    limit, whole = pcb.GATHER_LIMIT, pcb.CHUNK
     try:
         if few:  # no bucket is small enough to sort: the radix select runs to the last bit
             pcb.GATHER_LIMIT = 0
+        pcb.CHUNK = chunk  # tensors scored in slices of this many entries
         got = pcb.merged_vector(deltas, params)
     finally:
-        pcb.GATHER_LIMIT = limit
+        pcb.GATHER_LIMIT, pcb.CHUNK = limit, whole
     for key in ("w", "b"):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-12, atol=1e-12)
 
