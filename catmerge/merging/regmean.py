@@ -111,12 +111,15 @@ def merged_vector(task_vectors: list[StateDict], params, inputs) -> StateDict:
     def merged(key: str) -> torch.Tensor:
         full = [tv[key].double() for tv in task_vectors]
         out = sum(full) / count  # the average everywhere; the linear pieces' rows are then overwritten
+        grams_by_input: dict[str, list[torch.Tensor]] = {}  # fused q/k/v share one input
         for piece in by_key.get(key, []):
             blocks = [piece.of(t) for t in full]
             shape = blocks[0].shape
             # A conv kernel (d_out, c, kh, kw) acts as a linear map on unfolded patches.
             deltas = [b.reshape(shape[0], -1) for b in blocks]
-            grams = _gram(piece, layer_inputs, deltas[0].shape[1], params.nondiagonal_scale, names)
+            if piece.input not in grams_by_input:
+                grams_by_input[piece.input] = _gram(piece, layer_inputs, deltas[0].shape[1], params.nondiagonal_scale, names)
+            grams = grams_by_input[piece.input]
             piece.of(out).copy_(solve(deltas, grams).reshape(shape))
         return out
 

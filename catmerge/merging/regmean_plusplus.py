@@ -90,11 +90,14 @@ def merge(pretrained: StateDict, task_vectors: list[StateDict], params, inputs) 
         for key in stage:
             full = [tv[key].double() for tv in task_vectors]
             delta = sum(full) / count
+            grams_by_input: dict[str, list[torch.Tensor]] = {}  # fused q/k/v share one input
             for piece in (p for p in stage_pieces if p.key == key):
                 blocks = [piece.of(t) for t in full]
                 shape = blocks[0].shape
                 deltas = [b.reshape(shape[0], -1) for b in blocks]
-                grams = _gram(piece, captured, deltas[0].shape[1], params.nondiagonal_scale, names)
+                if piece.input not in grams_by_input:
+                    grams_by_input[piece.input] = _gram(piece, captured, deltas[0].shape[1], params.nondiagonal_scale, names)
+                grams = grams_by_input[piece.input]
                 piece.of(delta).copy_(solve(deltas, grams).reshape(shape))
             merged[key] = (pretrained[key].double() + params.alpha * delta).to(specs[key][0])
     return {k: merged[k] if k in merged else pretrained[k].clone() for k in specs}
