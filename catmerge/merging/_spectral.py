@@ -30,9 +30,10 @@ def eigh(symmetric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def top_eigenpairs(gram_matrix: torch.Tensor, r: int, scale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s (r,), vectors (size, r)) for the r largest eigenvalues of a Gram matrix: s = sqrt(eigenvalue), the singular values of the matrix it is the Gram of, largest
-    first. LAPACK's syevr computes only those r when r is a small share; syevd computes all
-    (faster than syevr's subset from about half). Eigenvalues of the Gram below its rounding level
+    """(s (r,), vectors (size, r)) for the r largest eigenvalues of a Gram matrix: s =
+    sqrt(eigenvalue), the singular values of the matrix it is the Gram of, largest first. LAPACK's
+    syevr computes only those r when r is a small share; syevd computes all (faster than syevr's
+    subset from about half). Eigenvalues of the Gram below its rounding level
     are 0: the Gram squares the condition number, so singular values under about 1e-7 of the
     largest are not resolved (and not needed: these methods keep top directions); their vectors are
     zero columns. `scale`: a larger eigenvalue to measure that level against, for a Gram computed
@@ -99,8 +100,8 @@ GRAM_MAX_CONDITION = 1e4
 def polar_and_singular_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(P Q^T, sigma) for `x` = P Sigma Q^T (thin SVD, float64): the orthonormal polar factor and the
     singular values, largest first. From one eigendecomposition of the smaller Gram matrix,
-    x^T x = Q Sigma^2 Q^T -> P Q^T = x Q Sigma^-1 Q^T (or x x^T on the other side), several times
-    faster than LAPACK's SVD on the shapes of a ViT. A matrix too ill-conditioned for the Gram's
+    x^T x = Q Sigma^2 Q^T -> P Q^T = x Q Sigma^-1 Q^T (or x x^T on the other side): measured 1.3x
+    (3072 x 768) to 3x (768 x 3072) faster than torch's SVD. A matrix too ill-conditioned for the Gram's
     precision (cond > GRAM_MAX_CONDITION, singular ones included) takes the full SVD, so the result
     is the SVD's to about 1e-8 relative in every case."""
     x = x.double()
