@@ -19,7 +19,8 @@ Arithmetic is always included as the reference), one process per method on the s
 the tables: merge reads its choice). Every method gets its PARAMS defaults, no grid; a method with an
 `exemplars` param that reads train images (RegMean, RegMean++) gets as many as the train split
 has (recorded in the row's `exemplars`). A method whose select or merge fails is recorded with
-its error and the others go on; the script then exits 1.
+its error and the others go on; the script then exits 1. The JSON is rewritten after each
+method, the row marked "partial" until it is whole, so a run stopped midway keeps what it measured.
 
     python benchmarks/scale.py --arch ViT-B-32 --tasks 2 4 8 --precision float32 --out benchmarks/results/scale_vit-b-32.json
     python benchmarks/scale.py --arch micro-clip --tasks 2 --out /tmp/scale_tiny.json   # tiny: seconds, for tests
@@ -224,7 +225,9 @@ def set_overrides(params: dict, overrides: list[str]) -> None:
 
 
 def measure(arch: str, k: int, workdir: Path, precision: str, keep: bool, methods: list[str], timeout: float | None,
-            overrides: list[str]) -> dict:
+            overrides: list[str], save=lambda row: None) -> dict:
+    """One row: the build, the stages and every method's merge. `save(row)` is called with the row
+    so far after each method (marked "partial": a run stopped midway keeps what it measured)."""
     project = workdir / f"{arch}-k{k}"
     shutil.rmtree(project, ignore_errors=True)
     project.mkdir(parents=True)
@@ -254,6 +257,7 @@ def measure(arch: str, k: int, workdir: Path, precision: str, keep: bool, method
             continue
         merge = row[f"merge_{method}"]
         print(f"{arch} K={k}: merge {method} {merge['seconds']} s ({merge['peak_rss_mb']} MB)", flush=True)
+        save({**row, "partial": True, "failed": sorted(failed)})
     set_methods(project, methods)
     ta = row["merge_task_arithmetic"].get("seconds") if "task_arithmetic" not in failed else None
     row["merge_seconds_over_task_arithmetic"] = {
@@ -283,6 +287,7 @@ def code() -> dict:
 
 
 def main() -> None:
+    from catmerge.io import write_json
     from catmerge.merging import METHOD_NAMES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -315,15 +320,19 @@ def main() -> None:
     command = ["python", "benchmarks/scale.py", *sys.argv[1:]]
     measured = code()
     rows = []
+
+    def save(landed: list[dict]) -> None:
+        write_json({"machine": machine(), "command": command, "code": measured, "rows": landed}, args.out)
+
     for k in args.tasks:
-        rows.append(measure(args.arch, k, workdir.resolve(), args.precision, args.keep, methods, args.merge_timeout, args.set))
+        rows.append(measure(args.arch, k, workdir.resolve(), args.precision, args.keep, methods, args.merge_timeout, args.set,
+                            save=lambda row: save([*rows, row])))
         r = rows[-1]
         merges = ", ".join(f"{m} {r[f'merge_{m}']['seconds']} s ({r[f'merge_{m}']['peak_rss_mb']} MB)" if m not in r["failed"]
                            else f"{m} FAILED" for m in methods)
         print(f"{args.arch} K={k}: task_vectors {r['task_vectors']['seconds']} s, features {r['features']['seconds']} s, "
               f"bases {r['bases']['seconds']} s ({r['bases']['peak_rss_mb']} MB); merge: {merges}", flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": machine(), "command": command, "code": measured, "rows": rows}, indent=2) + "\n")  # each row as it lands
+        save(rows)  # each row as it lands, replacing its partial one
     if args.workdir is None and not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     failed = sorted({f"{m} (K={r['tasks']})" for r in rows for m in r["failed"]})

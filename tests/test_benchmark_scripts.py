@@ -109,6 +109,7 @@ def check_scale(result: dict, project: Path) -> None:
 
     (row,) = result["rows"]
     assert row["methods"] == list(METHOD_NAMES) and row["failed"] == []
+    assert "partial" not in row  # the finished row replaced the partial ones saved after each method
     for stage in ("task_vectors", "features", "bases", *(f"merge_{m}" for m in METHOD_NAMES)):
         assert row[stage]["seconds"] > 0 and row[stage]["peak_rss_mb"] > 0, stage
     assert set(row["merge_seconds_over_task_arithmetic"]) == set(METHOD_NAMES)
