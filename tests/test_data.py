@@ -43,7 +43,8 @@ def test_labels_out_of_range_are_refused(tmp_path):
 
 
 def clear_source_caches():
-    for fn in (sources.mnist, sources.sklearn_digits, sources.lfw_faces, sources.textures, sources.photos):
+    for fn in (sources.mnist, sources.sklearn_digits, sources.lfw_faces, sources.textures, sources.photos,
+               sources.letters, sources.shapes):
         fn.cache_clear()
 
 
@@ -72,7 +73,7 @@ def test_mnist_tasks_share_images_with_conflicting_labels():
 
 
 def test_no_test_image_appears_in_train():
-    for name in ("mnist", "digits", "faces"):
+    for name in ("mnist", "digits", "faces", "letters", "shapes"):
         pools = get_task(name).build(0)
         train = {im.tobytes() for im in pools["train"].images}
         assert not any(im.tobytes() in train for im in pools["test"].images), name
@@ -94,3 +95,20 @@ def test_seeds_change_the_split():
 def test_unknown_task_lists_known_ones():
     with pytest.raises(ValueError, match="known builtin tasks: mnist, mnist_rotation"):
         get_task("svhn")
+
+
+def test_rendered_tasks_are_balanced_varied_and_their_own_images():
+    for name in ("letters", "shapes"):
+        spec = get_task(name)
+        pools = spec.build(0)
+        for split, share in zip(("train", "val", "test"), sources.SPLIT_FRACTIONS):
+            counts = np.bincount(pools[split].labels, minlength=len(spec.class_names))
+            assert (counts == round(share * sources.RENDERED_PER_CLASS)).all(), (name, split, counts)
+        images = pools["train"].images
+        assert len({im.tobytes() for im in images}) == len(images), f"{name}: two renders came out identical"
+        per_image_colour = images.reshape(len(images), -1, 3).mean(axis=1)
+        assert per_image_colour.std(axis=0).min() > 20, f"{name}: colours hardly vary"
+        assert spec.images not in {other.images for other_name, other in TASKS.items() if other_name != name}
+    letters = get_task("letters").build(0)["train"]
+    a, d = letters.images[letters.labels == 0], letters.images[letters.labels == 2]
+    assert np.abs(a.astype(float).mean(0) - d.astype(float).mean(0)).max() < 60  # classes differ in shape, not colour

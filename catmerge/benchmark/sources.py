@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -189,3 +190,104 @@ def tint(gray_rgb: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
     """White-on-black digit -> colour-on-black digit."""
     intensity = gray_rgb[..., :1].astype(np.float32) / 255.0
     return (intensity * np.array(colour, dtype=np.float32)).round().astype(np.uint8)
+
+
+# Rendered domains: drawn here from what ships in packages, each item drawn on its own (so no
+# two items share pixels), then split per class like the other item sources.
+RENDERED_PER_CLASS = 300
+LETTERS = list("ABDEFHKMRW")  # ten capitals; O, I, L, S and Z are left out: they read as digits
+LETTER_FONTS = ["DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSerif.ttf",
+                "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf",
+                "STIXGeneral.ttf", "STIXGeneralItalic.ttf"]  # their licences ship beside them: LICENSE_DEJAVU, LICENSE_STIX
+SHAPES = ["circle", "square", "triangle", "pentagon", "hexagon", "star", "cross", "ring"]
+_SCALE = 4  # drawn at 4x and downsampled: anti-aliased edges
+
+
+def _two_colours(rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A foreground and a background colour at least 100 apart in mean intensity."""
+    while True:
+        fg, bg = (tuple(int(v) for v in rng.integers(0, 256, size=3)) for _ in range(2))
+        if abs(sum(fg) - sum(bg)) / 3 >= 100:
+            return fg, bg
+
+
+def _downsampled(canvas: Image.Image) -> np.ndarray:
+    return np.asarray(canvas.resize((SIZE, SIZE), Image.LANCZOS), dtype=np.uint8)
+
+
+def _split_rendered(draw_one, classes: int, rng: np.random.Generator) -> dict[str, Pool]:
+    labels = np.repeat(np.arange(classes, dtype=np.int64), RENDERED_PER_CLASS)
+    images = np.stack([draw_one(int(y), rng) for y in labels])
+    split = _split_indices(labels, rng)
+    return {s: Pool(images[i], labels[i]) for s, i in split.items()}
+
+
+def _letter(label: int, rng: np.random.Generator) -> np.ndarray:
+    from matplotlib import font_manager
+    from PIL import ImageDraw, ImageFont
+
+    size = SIZE * _SCALE
+    fg, bg = _two_colours(rng)
+    font_path = Path(font_manager.findfont("DejaVu Sans")).parent / LETTER_FONTS[int(rng.integers(len(LETTER_FONTS)))]
+    font = ImageFont.truetype(str(font_path), int(rng.integers(size * 5 // 10, size * 8 // 10)))
+    glyph = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(glyph).text((size / 2, size / 2), LETTERS[label], fill=255, font=font, anchor="mm")
+    glyph = glyph.rotate(float(rng.uniform(-20, 20)), resample=Image.BILINEAR,
+                         translate=tuple(int(v) for v in rng.integers(-size // 10, size // 10 + 1, size=2)))
+    canvas = Image.composite(Image.new("RGB", (size, size), fg), Image.new("RGB", (size, size), bg), glyph)
+    return _downsampled(canvas)
+
+
+def _polygon(sides: int, centre: tuple[float, float], radius: float, turn: float, star: bool = False) -> list[tuple[float, float]]:
+    points = []
+    count = 2 * sides if star else sides
+    for k in range(count):
+        r = radius * (0.45 if star and k % 2 else 1.0)
+        angle = turn + 2 * np.pi * k / count
+        points.append((centre[0] + r * np.cos(angle), centre[1] + r * np.sin(angle)))
+    return points
+
+
+def _shape(label: int, rng: np.random.Generator) -> np.ndarray:
+    from PIL import ImageDraw
+
+    size = SIZE * _SCALE
+    fg, bg = _two_colours(rng)
+    canvas = Image.new("RGB", (size, size), bg)
+    draw = ImageDraw.Draw(canvas)
+    radius = float(rng.uniform(0.25, 0.42)) * size
+    margin = radius * 1.05
+    centre = (float(rng.uniform(margin, size - margin)), float(rng.uniform(margin, size - margin)))
+    turn = float(rng.uniform(0, 2 * np.pi))
+    box = [centre[0] - radius, centre[1] - radius, centre[0] + radius, centre[1] + radius]
+    name = SHAPES[label]
+    if name == "circle":
+        draw.ellipse(box, fill=fg)
+    elif name == "ring":
+        draw.ellipse(box, outline=fg, width=max(2, int(radius * 0.3)))
+    elif name == "cross":
+        arm = radius * 0.35
+        for angle in (turn, turn + np.pi / 2):
+            dx, dy = np.cos(angle), np.sin(angle)
+            ex, ey = -dy * arm, dx * arm
+            draw.polygon([(centre[0] + radius * dx + ex, centre[1] + radius * dy + ey),
+                          (centre[0] + radius * dx - ex, centre[1] + radius * dy - ey),
+                          (centre[0] - radius * dx - ex, centre[1] - radius * dy - ey),
+                          (centre[0] - radius * dx + ex, centre[1] - radius * dy + ey)], fill=fg)
+    else:
+        sides = {"square": 4, "triangle": 3, "pentagon": 5, "hexagon": 6, "star": 5}[name]
+        draw.polygon(_polygon(sides, centre, radius, turn, star=name == "star"), fill=fg)
+    return _downsampled(canvas)
+
+
+@cache
+def letters(seed: int) -> dict[str, Pool]:
+    """Ten capital letters rendered in matplotlib's bundled fonts (DejaVu, STIX),
+    each with its own font, size, rotation, offset and colours."""
+    return _split_rendered(_letter, len(LETTERS), np.random.default_rng([seed, 6]))
+
+
+@cache
+def shapes(seed: int) -> dict[str, Pool]:
+    """Eight procedurally drawn shapes, each with its own size, place, rotation and colours."""
+    return _split_rendered(_shape, len(SHAPES), np.random.default_rng([seed, 7]))

@@ -1,7 +1,9 @@
-"""The eight tasks of the offline benchmark, and the caption mixture used for pretraining.
+"""The tasks of the offline benchmark (params.yaml's `tasks` picks which; the default eight are
+the first eight here).
 
 Four tasks share the MNIST digits (identity, rotation, colour, parity): the same inputs asked
-for conflicting labels, which is what gives merging real conflicts to resolve.
+for conflicting labels. Each task names its pool of source images (`images`), so the
+faithfulness check can tell tasks on distinct domains from tasks on shared images.
 """
 
 from __future__ import annotations
@@ -87,6 +89,16 @@ TASKS: dict[str, TaskSpec] = {
             "photos", "source photo of colour patches (scikit-image, scikit-learn)", list(sources.PHOTO_IMAGES),
             ["a crop of a photo of a {}.", "a part of a picture of a {}."],
             sources.photos, "scikit-image and scikit-learn colour photos (PHOTO_IMAGES)",
+        ),
+        TaskSpec(
+            "letters", "ten capital letters rendered in matplotlib's bundled fonts", list(sources.LETTERS),
+            ["a picture of the letter {}.", "the capital letter {} in some font."],
+            sources.letters, "letters rendered in matplotlib's fonts",
+        ),
+        TaskSpec(
+            "shapes", "eight procedurally drawn shapes", list(sources.SHAPES),
+            ["a drawing of a {}.", "a flat coloured {} shape."],
+            sources.shapes, "procedurally drawn shapes",
         ),
         TaskSpec(
             "faces", "face vs non-face (scikit-image's LFW subset)", ["face", "background scene"],
