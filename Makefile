@@ -45,7 +45,7 @@ demo: setup
 	@echo
 	@cat metrics/results.md
 	@echo
-	@$(PY) benchmarks/faithfulness.py --run demo=.
+	-@$(PY) benchmarks/faithfulness.py --run demo=.
 	@echo "Chosen hyperparameters: metrics/selection.json. Full report: reports/report.html (or reports/report.md)."
 
 # The report test opens reports/report.html in headless Chromium (Debian's package).

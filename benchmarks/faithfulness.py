@@ -1,8 +1,8 @@
 """Is the built benchmark in the paper's regime? Every criterion of catmerge/benchmark/faithfulness.py,
 computed from one or more built projects (seeds) after `dvc repro`: their metrics/metrics.json (test
 accuracies) and data/datasets/<task>/info.json (classes, source), checked against their manifests.
-Prints a PASS / FAIL table (`make demo` prints it under the results); exits 0 either way: it
-reports, it does not gate.
+Prints a PASS / FAIL table (`make demo` prints it under the results); exits 0 whether criteria
+pass or fail (it reports, it does not gate), 1 on unreadable or mismatched projects.
 
     python benchmarks/faithfulness.py --run seed0=. --run seed1=../seed1 --run seed2=../seed2 \
         --out benchmarks/results/faithfulness.json
@@ -28,13 +28,15 @@ def load_run(project: Path) -> Run:
     accuracy = metrics.get("accuracy") if isinstance(metrics, dict) else None
     if not isinstance(accuracy, dict) or not accuracy:
         raise ArtifactError(f"{metrics_path}: expected 'accuracy' mapping each task to its rows (written by stage evaluate)")
-    classes, images = {}, {}
+    classes, pools = {}, {}
     for task in accuracy:
         info = layout.checked_dataset_info(task, root=project)
         classes[task] = len(info["class_names"])
-        # builtin tasks name their pool of source images; a hub dataset is its own pool
-        images[task] = get_task(task).images if info.get("source") == "builtin" else str(info.get("description", task))
-    return Run(accuracy, classes, images)
+        # recorded by the datasets stage; builds from before it was recorded: the registry's (builtin)
+        # or the dataset itself (hub)
+        pools[task] = str(info.get("image_pool") or (get_task(task).image_pool if info.get("source") == "builtin"
+                                                     else info.get("description", task)))
+    return Run(accuracy, classes, pools)
 
 
 def main() -> None:
@@ -42,16 +44,22 @@ def main() -> None:
     parser.add_argument("--run", action="append", required=True, metavar="NAME=PROJECT_DIR", help="once per built project")
     parser.add_argument("--out", type=Path, default=None, help="also write the criteria as JSON here")
     args = parser.parse_args()
-    runs = {}
+    runs, dirs = {}, set()
     for spec in args.run:
         name, sep, directory = spec.partition("=")
         if not sep or not name or not directory:
             parser.error(f"--run {spec!r}: expected NAME=PROJECT_DIR")
+        if name in runs or Path(directory).resolve() in dirs:
+            parser.error(f"--run {spec!r}: that name or project was given twice")
+        dirs.add(Path(directory).resolve())
         try:
             runs[name] = load_run(Path(directory))
         except (ArtifactError, ValueError) as exc:
             raise SystemExit(f"faithfulness: run {name}: {exc}") from None
-    rows, reported = criteria(list(runs.values())), outcomes(list(runs.values()))
+    try:
+        rows, reported = criteria(list(runs.values())), outcomes(list(runs.values()))
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     print(f"Faithfulness of the benchmark ({', '.join(runs)}; docs/benchmark.md):")
     print(table(rows, reported))
     if args.out is not None:

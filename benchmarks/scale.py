@@ -29,7 +29,6 @@ method, the row marked "partial" until it is whole, so a run stopped midway keep
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -254,6 +253,7 @@ def measure(arch: str, k: int, workdir: Path, precision: str, keep: bool, method
         except StageFailed as exc:  # recorded; the other methods go on
             failed[method] = row[f"merge_{method}"] = error_record(exc)
             print(f"{arch} K={k}: {method} FAILED in {exc.what}:\n{failed[method]['error']}", file=sys.stderr, flush=True)
+            save({**row, "partial": True, "failed": sorted(failed)})
             continue
         merge = row[f"merge_{method}"]
         print(f"{arch} K={k}: merge {method} {merge['seconds']} s ({merge['peak_rss_mb']} MB)", flush=True)

@@ -25,7 +25,8 @@ def builtin_splits(params, task: str) -> tuple[dict, dict]:
 
     spec = get_task(task)
     pools = spec.build(params.data_seed)
-    info = {"description": spec.description, "class_names": spec.class_names, "templates": spec.templates}
+    info = {"description": spec.description, "class_names": spec.class_names, "templates": spec.templates,
+            "image_pool": spec.image_pool}
     return {s: (pools[s].images, pools[s].labels) for s in SPLITS}, info
 
 
@@ -46,7 +47,7 @@ def hub_splits(params, task: str) -> tuple[dict, dict]:
         source, chosen = rows[name]
         chosen = chosen[_cap(len(chosen), limits[name], [params.data_seed, 99, i])]
         splits[name] = (source.images(chosen), source.labels[chosen])
-    info = {"description": f"{spec.repo} (hub)", "class_names": train.class_names, "templates": spec.templates,
+    info = {"description": f"{spec.repo} (hub)", "image_pool": spec.repo, "class_names": train.class_names, "templates": spec.templates,
             "hub_files": [f.record("dataset") for f in train.files + test.files], "image_size": size,
             "val_fraction": params.hub.val_fraction}
     return splits, info

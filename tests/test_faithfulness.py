@@ -18,10 +18,10 @@ REGIME = {"pretrained": 48.0, "expert": 90.0, "weight_averaging": 60.0, "task_ar
           "regmean": 78.0, "tsv_m": 85.0, "cat": 75.0}
 
 
-def regime_run(shift: dict[str, float] | None = None, images: dict[str, str] | None = None) -> Run:
+def regime_run(shift: dict[str, float] | None = None, pools: dict[str, str] | None = None) -> Run:
     shift = shift or {}
     accuracy = {t: {row: value + shift.get(row, 0.0) for row, value in REGIME.items()} for t in TASK_NAMES}
-    return Run(accuracy, {t: 10 for t in TASK_NAMES}, images or {t: f"pool {t}" for t in TASK_NAMES})
+    return Run(accuracy, {t: 10 for t in TASK_NAMES}, pools or {t: f"pool {t}" for t in TASK_NAMES})
 
 
 def passed(runs: list[Run]) -> dict[str, bool | None]:
@@ -56,20 +56,45 @@ def test_per_task_criteria_name_the_failing_tasks():
     rows = {c.number: c for c in criteria([run])}
     assert rows["2b"].passed is False and "task3" in rows["2b"].measured and "7 of 8" in rows["2b"].measured
     assert rows["3a"].passed is False and "task5" in rows["3a"].measured
-    two_classes = Run(run.accuracy, {**run.classes, "task3": 2}, run.images)  # chance 50: 19 is far below
-    assert {c.number: c.passed for c in criteria([two_classes])}["2b"] is False
+    run = regime_run()
+    run.accuracy["task3"]["pretrained"] = 45.0  # 35 above chance with 10 classes, below it with 2
+    assert {c.number: c.passed for c in criteria([run])}["2b"] is True
+    two_classes = Run(run.accuracy, {**run.classes, "task3": 2}, run.image_pool)
+    row = {c.number: c for c in criteria([two_classes])}["2b"]
+    assert row.passed is False and "not: task3" in row.measured
+
+
+@pytest.mark.parametrize(("shift", "number", "expected"), [
+    ({"tsv_m": -10.0}, "5d", True),  # exactly 5 above: "at least 5"
+    ({"tsv_m": -10.5}, "5d", False),
+    ({"ties": -2.0}, "5b", True),  # exactly 1 below: "not below by more than 1"
+    ({"ties": -2.5}, "5b", False),
+    ({"regmean": -8.0}, "5c", False),  # equal: not "above"
+    ({"weight_averaging": 7.0}, "4b", True),  # exactly 3 below
+])
+def test_boundaries_follow_the_criteria_wording(shift, number, expected):
+    assert passed([regime_run(shift)])[number] is expected
+    assert passed([regime_run(shift)] * 3)[number] is expected  # identical seeds: no spread
+
+
+def test_a_task_whose_expert_scores_zero_is_left_out_of_the_normalized_average_and_named():
+    run = regime_run()
+    run.accuracy["task2"]["expert"] = 0.0
+    run.accuracy["task2"]["task_arithmetic"] = 0.0
+    row = {c.number: c for c in criteria([run])}["4a"]
+    assert row.passed is True and row.measured.startswith("77.8") and "expert at 0: task2" in row.measured
 
 
 def test_tasks_sharing_source_images_fail_the_domain_criterion_and_are_named():
-    images = {t: f"pool {t}" for t in TASK_NAMES} | {"task1": "pool task0", "task2": "pool task0"}
-    row = criteria([regime_run(images=images)])[0]
+    pools = {t: f"pool {t}" for t in TASK_NAMES} | {"task1": "pool task0", "task2": "pool task0"}
+    row = criteria([regime_run(pools=pools)])[0]
     assert row.passed is False and "6 image pools" in row.measured and "task0, task1, task2 share pool task0" in row.measured
     assert criteria([Run({t: REGIME for t in TASK_NAMES[:5]}, {t: 10 for t in TASK_NAMES[:5]},
                          {t: t for t in TASK_NAMES[:5]})])[0].passed is False  # 5 distinct tasks are not 8
 
 
 def test_the_builtin_suite_names_its_shared_images():
-    pools = {name: spec.images for name, spec in TASKS.items()}
+    pools = {name: spec.image_pool for name, spec in TASKS.items()}
     assert len(set(pools.values())) < len(pools)  # the MNIST tasks: what criterion 1 reports today
     assert pools["mnist"] == pools["mnist_parity"] != pools["digits"]
 
@@ -78,7 +103,7 @@ def test_an_ordering_within_the_seed_spread_does_not_hold():
     # RegMean above TA by 2, 2, and 2 + 12: mean 6, but the spread (6.9) is larger
     runs = [regime_run({"regmean": -6.0}), regime_run({"regmean": -6.0}), regime_run({"regmean": 6.0})]
     measured, ok = ordering(runs, "regmean", "task_arithmetic", 0.0)
-    assert ok is False and measured.startswith("+6.0, sd 6.9 over 3 runs")
+    assert ok is False and measured == "+6.0 (sd 6.9 over 3 runs)"
     steady = [regime_run({"regmean": -6.0})] * 3  # 2 points, no spread
     assert ordering(steady, "regmean", "task_arithmetic", 0.0)[1] is True
     measured, ok = ordering(steady[:1], "regmean", "task_arithmetic", 0.0)
@@ -94,10 +119,19 @@ def test_a_method_missing_from_the_runs_is_not_measured_rather_than_failed():
     assert "| 5d |" in table(criteria([run])) and "n/a" in table(criteria([run]))
 
 
-def test_runs_of_different_tasks_are_refused():
+def test_runs_of_another_benchmark_or_without_reference_rows_are_refused():
     other = Run({t: REGIME for t in TASK_NAMES[:7]}, {t: 10 for t in TASK_NAMES[:7]}, {t: t for t in TASK_NAMES[:7]})
-    with pytest.raises(ValueError, match="runs of different tasks"):
+    with pytest.raises(ValueError, match="run 2 is of another benchmark"):
         criteria([regime_run(), other])
+    with pytest.raises(ValueError, match="run 2 is of another benchmark"):
+        criteria([regime_run(), regime_run(pools={t: "one pool" for t in TASK_NAMES})])
+    reordered = regime_run()
+    reordered = Run(dict(reversed(list(reordered.accuracy.items()))), reordered.classes, reordered.image_pool)
+    assert passed([regime_run(), reordered]) == passed([regime_run()])  # same tasks in another order
+    no_expert = regime_run()
+    del no_expert.accuracy["task4"]["expert"]
+    with pytest.raises(ValueError, match="task task4: needs rows pretrained and expert"):
+        criteria([no_expert])
     with pytest.raises(ValueError, match="no runs"):
         criteria([])
 

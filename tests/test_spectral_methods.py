@@ -9,7 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from catmerge.merging import iso_c, iso_cts, merge_method, tsv_m
-from catmerge.merging._spectral import GRAM_MAX_CONDITION, polar, polar_and_singular_values, top_singular, top_singular_off_columns
+from catmerge.merging._spectral import (
+    GRAM_MAX_CONDITION,
+    polar,
+    polar_and_singular_values,
+    top_singular,
+    top_singular_off_columns,
+)
 from catmerge.merging.iso_c import IsoCParams
 from catmerge.merging.iso_cts import IsoCtsParams
 from catmerge.merging.tsv_m import TsvMParams

@@ -222,14 +222,20 @@ def _split_rendered(draw_one, classes: int, rng: np.random.Generator) -> dict[st
     return {s: Pool(images[i], labels[i]) for s, i in split.items()}
 
 
+@cache
+def _font(name: str, size: int):
+    import matplotlib
+    from PIL import ImageFont
+
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path(), "fonts", "ttf", name)), size)
+
+
 def _letter(label: int, rng: np.random.Generator) -> np.ndarray:
-    from matplotlib import font_manager
-    from PIL import ImageDraw, ImageFont
+    from PIL import ImageDraw
 
     size = SIZE * _SCALE
     fg, bg = _two_colours(rng)
-    font_path = Path(font_manager.findfont("DejaVu Sans")).parent / LETTER_FONTS[int(rng.integers(len(LETTER_FONTS)))]
-    font = ImageFont.truetype(str(font_path), int(rng.integers(size * 5 // 10, size * 8 // 10)))
+    font = _font(LETTER_FONTS[int(rng.integers(len(LETTER_FONTS)))], int(rng.integers(size * 5 // 10, size * 8 // 10)))
     glyph = Image.new("L", (size, size), 0)
     ImageDraw.Draw(glyph).text((size / 2, size / 2), LETTERS[label], fill=255, font=font, anchor="mm")
     glyph = glyph.rotate(float(rng.uniform(-20, 20)), resample=Image.BILINEAR,

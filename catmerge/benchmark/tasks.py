@@ -2,7 +2,7 @@
 the first eight here).
 
 Four tasks share the MNIST digits (identity, rotation, colour, parity): the same inputs asked
-for conflicting labels. Each task names its pool of source images (`images`), so the
+for conflicting labels. Each task names its pool of source images (`image_pool`), so the
 faithfulness check can tell tasks on distinct domains from tasks on shared images.
 """
 
@@ -26,7 +26,7 @@ class TaskSpec:
     class_names: list[str]
     templates: list[str]
     build: Callable[[int], dict[str, Pool]]  # seed -> split -> pool
-    images: str  # the pool of source images; tasks naming the same pool share their inputs
+    image_pool: str  # where its images come from; tasks naming the same pool share their inputs
 
 
 def _rotated(pools: dict[str, Pool], seed: int) -> dict[str, Pool]:
@@ -91,6 +91,11 @@ TASKS: dict[str, TaskSpec] = {
             sources.photos, "scikit-image and scikit-learn colour photos (PHOTO_IMAGES)",
         ),
         TaskSpec(
+            "faces", "face vs non-face (scikit-image's LFW subset)", ["face", "background scene"],
+            ["a small grayscale photo of a {}.", "a low resolution picture of a {}."],
+            sources.lfw_faces, "scikit-image LFW faces and scenes",
+        ),
+        TaskSpec(
             "letters", "ten capital letters rendered in matplotlib's bundled fonts", list(sources.LETTERS),
             ["a picture of the letter {}.", "the capital letter {} in some font."],
             sources.letters, "letters rendered in matplotlib's fonts",
@@ -99,11 +104,6 @@ TASKS: dict[str, TaskSpec] = {
             "shapes", "eight procedurally drawn shapes", list(sources.SHAPES),
             ["a drawing of a {}.", "a flat coloured {} shape."],
             sources.shapes, "procedurally drawn shapes",
-        ),
-        TaskSpec(
-            "faces", "face vs non-face (scikit-image's LFW subset)", ["face", "background scene"],
-            ["a small grayscale photo of a {}.", "a low resolution picture of a {}."],
-            sources.lfw_faces, "scikit-image LFW faces and scenes",
         ),
     ]
 }
