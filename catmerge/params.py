@@ -63,8 +63,10 @@ class TrainingParams(Strict):
 
 
 class PretrainParams(TrainingParams):
-    # What pretraining captions name: the image source only, or also the digit of MNIST images.
-    captions: Literal["source", "source_and_digit"] = "source"
+    # What pretraining captions name: the image source only, also the digit of MNIST images, or
+    # (web) each image's content with probability name_rate, in other words than the prompts'.
+    captions: Literal["source", "source_and_digit", "web"] = "source"
+    name_rate: float = Field(default=0.3, ge=0, le=1, description="captions web: share of captions that name the content")
 
 
 class TaskVectorParams(Strict):

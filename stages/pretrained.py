@@ -83,12 +83,13 @@ def builtin(params) -> None:
     clip = create_clip(params.model)
     encoder = FrozenTextEncoder(clip, params.model)
 
-    images, captions = pretraining_mixture(params.data_seed, np.random.default_rng([params.seed, 7]), params.pretrain.captions)
+    images, captions = pretraining_mixture(params.data_seed, np.random.default_rng([params.seed, 7]), params.pretrain.captions,
+                                           params.pretrain.name_rate)
     distinct = sorted(set(captions))
     caption_ids = np.array([distinct.index(c) for c in captions], dtype=np.int64)
     caption_features = encoder.pooled(distinct)
 
-    budget = TrainingBudget(**params.pretrain.model_dump(exclude={"captions"}))
+    budget = TrainingBudget(**params.pretrain.model_dump(exclude={"captions", "name_rate"}))
     losses = pretrain(clip.visual, clip.text.proj, clip.logit_scale, images, caption_features, caption_ids, budget, generator)
     print(f"pretraining loss: first {losses[0]:.3f}, last {np.mean(losses[-10:]):.3f}")
 
