@@ -15,13 +15,14 @@ def mixture(name_rate: float, seed: int = 0):
 
 
 def class_words() -> set[str]:
-    words = set(sources.DIGIT_WORDS) | set(sources.TEXTURE_IMAGES) | set(sources.PHOTO_IMAGES) | set(sources.SHAPES)
+    words = set(sources.DIGIT_WORDS) | set(sources.TEXTURE_IMAGES) | set(sources.PHOTO_IMAGES) | set(sources.SHAPES) | set(sources.CHARTS)
     return words | {"face", "portrait", "headshot", "scenery"}
 
 
 def test_every_source_is_in_the_mixture_once_per_training_image():
     images, captions = mixture(0.3)
-    pools = [sources.mnist, sources.sklearn_digits, sources.textures, sources.photos, sources.letters, sources.shapes, sources.lfw_faces]
+    pools = [sources.mnist, sources.sklearn_digits, sources.textures, sources.photos, sources.letters, sources.shapes,
+             sources.charts, sources.lfw_faces]
     assert len(images) == len(captions) == sum(len(f(0)["train"].labels) for f in pools)
     assert images.shape[1:] == (32, 32, 3) and images.dtype == np.uint8
 
@@ -43,7 +44,8 @@ def test_at_rate_one_every_mnist_caption_names_its_digit():
 def test_the_content_is_named_at_about_the_chosen_rate():
     _, captions = mixture(0.3)
     plain = {p + "." for group in (pretraining.DIGIT_PLAIN, pretraining.PIXEL_PLAIN, pretraining.TEXTURE_PLAIN, pretraining.PHOTO_PLAIN,
-                                   pretraining.FACE_PLAIN, pretraining.LETTER_PLAIN, pretraining.SHAPE_PLAIN) for p in group}
+                                   pretraining.FACE_PLAIN, pretraining.LETTER_PLAIN, pretraining.SHAPE_PLAIN, pretraining.CHART_PLAIN)
+             for p in group}
     named = np.mean([c not in plain for c in captions])
     assert 0.27 < named < 0.33, named
 

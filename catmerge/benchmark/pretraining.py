@@ -7,14 +7,26 @@ Three kinds of captions (`pretrain.captions`):
   web               web-like: a caption names the content (the digit, the picture, the shape ...)
                     only with probability `name_rate`, and then in its own words, never in the
                     evaluation prompts' phrasing; otherwise it says something about the image's
-                    look or origin. The mixture is every source, the rendered letters and shapes too.
+                    look or origin. The mixture is every source, the rendered letters, shapes and charts too.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .sources import COLOURS, DIGIT_WORDS, letters, lfw_faces, mnist, photos, shapes, sklearn_digits, textures, tint
+from .sources import (
+    COLOURS,
+    DIGIT_WORDS,
+    charts,
+    letters,
+    lfw_faces,
+    mnist,
+    photos,
+    shapes,
+    sklearn_digits,
+    textures,
+    tint,
+)
 
 
 # Pretraining captions are generic: they name the image source (and, with
@@ -68,6 +80,8 @@ LETTER_NAMING = ["an {name} in some typeface", "the character {name}", "{name}, 
 LETTER_PLAIN = ["a bit of typography", "a coloured tile with a character on it", "a glyph on a plain background"]
 SHAPE_NAMING = ["a {name} icon", "a {name} in flat colour", "clip art of a {name}"]
 SHAPE_PLAIN = ["a flat geometric drawing", "a clip-art icon", "a simple coloured figure"]
+CHART_NAMING = ["a {name} of some data", "some numbers drawn as a {name}", "{name} made with plotting software"]
+CHART_PLAIN = ["a small figure", "an illustration from a document", "a tiny graphic with a white background"]
 
 
 def _caption(rng: np.random.Generator, name_rate: float, naming: list[str], plain: list[str], **words: str) -> str:
@@ -79,7 +93,7 @@ def _caption(rng: np.random.Generator, name_rate: float, naming: list[str], plai
 def web_mixture(seed: int, rng: np.random.Generator, name_rate: float) -> tuple[np.ndarray, list[str]]:
     """Every source's training split (MNIST also rotated or tinted, a quarter each), each image with
     one web-like caption: its content named with probability `name_rate`."""
-    from .sources import LETTERS, PHOTO_IMAGES, SHAPES, TEXTURE_IMAGES
+    from .sources import CHARTS, LETTERS, PHOTO_IMAGES, SHAPES, TEXTURE_IMAGES
 
     if not 0 <= name_rate <= 1:
         raise ValueError(f"pretrain.name_rate must be in [0, 1], got {name_rate}")
@@ -101,6 +115,7 @@ def web_mixture(seed: int, rng: np.random.Generator, name_rate: float) -> tuple[
         (photos(seed)["train"], list(PHOTO_IMAGES), PHOTO_NAMING, PHOTO_PLAIN),
         (letters(seed)["train"], LETTERS, LETTER_NAMING, LETTER_PLAIN),
         (shapes(seed)["train"], SHAPES, SHAPE_NAMING, SHAPE_PLAIN),
+        (charts(seed)["train"], CHARTS, CHART_NAMING, CHART_PLAIN),
     ]
     for pool, names, naming, plain in sources:
         for im, y in zip(pool.images, pool.labels):

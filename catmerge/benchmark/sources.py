@@ -215,8 +215,8 @@ def _downsampled(canvas: Image.Image) -> np.ndarray:
     return np.asarray(canvas.resize((SIZE, SIZE), Image.LANCZOS), dtype=np.uint8)
 
 
-def _split_rendered(draw_one, classes: int, rng: np.random.Generator) -> dict[str, Pool]:
-    labels = np.repeat(np.arange(classes, dtype=np.int64), RENDERED_PER_CLASS)
+def _split_rendered(draw_one, classes: int, rng: np.random.Generator, per_class: int = RENDERED_PER_CLASS) -> dict[str, Pool]:
+    labels = np.repeat(np.arange(classes, dtype=np.int64), per_class)
     images = np.stack([draw_one(int(y), rng) for y in labels])
     split = _split_indices(labels, rng)
     return {s: Pool(images[i], labels[i]) for s, i in split.items()}
@@ -297,3 +297,52 @@ def letters(seed: int) -> dict[str, Pool]:
 def shapes(seed: int) -> dict[str, Pool]:
     """Eight procedurally drawn shapes, each with its own size, place, rotation and colours."""
     return _split_rendered(_shape, len(SHAPES), np.random.default_rng([seed, 7]))
+
+
+CHARTS = ["line plot", "bar chart", "scatter plot", "pie chart", "histogram", "heatmap", "contour plot", "polar plot"]
+CHARTS_PER_CLASS = 150  # each render takes about 20 ms
+_CMAPS = ["viridis", "magma", "coolwarm", "gray", "plasma"]
+
+
+def _chart(label: int, rng: np.random.Generator) -> np.ndarray:
+    """One chart of kind CHARTS[label] with random data, colours and sizes, drawn by matplotlib's
+    Agg canvas (no pyplot: no global figure state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    kind = CHARTS[label]
+    fig = Figure(figsize=(1, 1), dpi=64)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.1, 0.1, 0.85, 0.85), projection="polar" if kind == "polar plot" else None)
+    colour = rng.random(3) * 0.8
+    n = int(rng.integers(5, 12))
+    if kind == "line plot":
+        for _ in range(int(rng.integers(1, 4))):
+            ax.plot(np.cumsum(rng.normal(size=n * 3)), color=rng.random(3) * 0.8, lw=rng.uniform(1, 2.5))
+    elif kind == "bar chart":
+        ax.bar(range(n), rng.random(n) + 0.1, color=colour)
+    elif kind == "scatter plot":
+        ax.scatter(rng.normal(size=40), rng.normal(size=40), s=rng.uniform(4, 20), color=colour)
+    elif kind == "pie chart":
+        ax.pie(rng.random(int(rng.integers(3, 7))) + 0.2, colors=[rng.random(3) for _ in range(7)])
+    elif kind == "histogram":
+        ax.hist(rng.normal(size=300) * rng.uniform(0.5, 2), bins=int(rng.integers(8, 20)), color=colour)
+    elif kind == "heatmap":
+        ax.imshow(rng.random((n, n)), cmap=_CMAPS[int(rng.integers(len(_CMAPS)))])
+    elif kind == "contour plot":
+        x, y = np.meshgrid(np.linspace(-2, 2, 40), np.linspace(-2, 2, 40))
+        z = np.sin(x * rng.uniform(0.5, 2) + rng.uniform(0, 3)) * np.cos(y * rng.uniform(0.5, 2))
+        ax.contour(x, y, z, levels=int(rng.integers(4, 10)), cmap=_CMAPS[int(rng.integers(len(_CMAPS)))])
+    else:
+        t = np.linspace(0, 2 * np.pi, 100)
+        ax.plot(t, 1 + rng.uniform(0.2, 0.8) * np.sin(int(rng.integers(2, 7)) * t), color=colour)
+    ax.tick_params(labelsize=3)
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+    return np.asarray(Image.fromarray(rgb).resize((SIZE, SIZE), Image.LANCZOS), dtype=np.uint8)
+
+
+@cache
+def charts(seed: int) -> dict[str, Pool]:
+    """Eight kinds of chart drawn by matplotlib from random data, CHARTS_PER_CLASS of each."""
+    return _split_rendered(_chart, len(CHARTS), np.random.default_rng([seed, 8]), CHARTS_PER_CLASS)

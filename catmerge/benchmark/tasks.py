@@ -105,6 +105,11 @@ TASKS: dict[str, TaskSpec] = {
             ["a drawing of a {}.", "a flat coloured {} shape."],
             sources.shapes, "procedurally drawn shapes",
         ),
+        TaskSpec(
+            "charts", "eight kinds of chart drawn by matplotlib from random data", list(sources.CHARTS),
+            ["a figure showing a {}.", "a {} from a report."],
+            sources.charts, "matplotlib charts of random data",
+        ),
     ]
 }
 
