@@ -23,6 +23,19 @@ OFFLINE_ENV = {
 }
 os.environ.update(OFFLINE_ENV)
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test starts from the same environment. Some libraries change the test process's own
+    os.environ: dask's Nanny sets OMP_NUM_THREADS=1 (and MKL's, OpenBLAS's) before it spawns a
+    worker and never puts it back, so every stage spawned by a later test ran on one thread and
+    rounded its matrix products differently from the session's builds on two (bytes compared by
+    tests/test_reliability.py differed only after tests/test_flows.py's dask test had run)."""
+    before = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(before)
+
+
 # The micro benchmark: a 2-layer, width-16 tower, three tasks (two sharing the MNIST digits),
 # a few hundred images, a few dozen training steps. Builds in well under a minute.
 MICRO_PARAMS = {
