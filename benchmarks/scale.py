@@ -15,8 +15,8 @@ and its wall time and peak RSS (GNU time's maximum resident set size) are record
 stage is timed separately for every method of catmerge.merging.METHOD_NAMES (found, not listed
 here, so a new method module is timed as soon as it lands; `--methods` limits them, Task
 Arithmetic is always included as the reference), one process per method on the same inputs
-(bases given): `merge.methods: [<method>]`, each after a `select` of that method alone (untimed in
-the tables: merge reads its choice). Every method gets its PARAMS defaults, no grid; a method with an
+(bases given): `merge.methods: [<method>]`, after one `select` of all methods (untimed in the
+tables: merge reads its choice; if it fails, each method gets a `select` of its own). Every method gets its PARAMS defaults, no grid; a method with an
 `exemplars` param that reads train images (RegMean, RegMean++) gets as many as the train split
 has (recorded in the row's `exemplars`). A method whose select or merge fails is recorded with
 its error and the others go on; the script then exits 1. The JSON is rewritten after each
@@ -244,11 +244,22 @@ def measure(arch: str, k: int, workdir: Path, precision: str, keep: bool, method
     row["features"] = per_task([run_stage(project, "features", t) for t in tasks])
     row["bases"] = run_stage(project, "bases")
     failed: dict[str, dict] = {}
-    row["select"] = {}  # untimed in the tables: scores the method once on val, for merge to read
+    # Untimed in the tables: select scores each method once on val, for merge to read. One select
+    # for all methods saves a process start per method; if it fails, each method gets its own, so
+    # one method's failure does not stop the others.
+    row["select"] = {}
+    set_methods(project, methods)
+    try:
+        row["select"]["all"] = run_stage(project, "select", timeout=timeout * len(methods) if timeout else None)
+        selected = True
+    except StageFailed as exc:
+        print(f"{arch} K={k}: select of all methods failed ({exc.what}); selecting each method alone", file=sys.stderr, flush=True)
+        selected = False
     for method in methods:
         set_methods(project, [method])
         try:
-            row["select"][method] = run_stage(project, "select", timeout=timeout)
+            if not selected:
+                row["select"][method] = run_stage(project, "select", timeout=timeout)
             row[f"merge_{method}"] = run_stage(project, "merge", timeout=timeout)
         except StageFailed as exc:  # recorded; the other methods go on
             failed[method] = row[f"merge_{method}"] = error_record(exc)

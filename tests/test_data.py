@@ -43,8 +43,10 @@ def test_labels_out_of_range_are_refused(tmp_path):
 
 
 def clear_source_caches():
+    """Every source but charts: they take 30 s to draw, so the tests below share one build (their
+    determinism is test_charts_draw_the_same_chart_from_the_same_random_state's)."""
     for fn in (sources.mnist, sources.sklearn_digits, sources.lfw_faces, sources.textures, sources.photos,
-               sources.letters, sources.shapes, sources.charts):
+               sources.letters, sources.shapes):
         fn.cache_clear()
 
 
@@ -52,8 +54,7 @@ def test_every_task_is_deterministic_and_large_enough():
     for name, spec in TASKS.items():
         a = spec.build(0)
         clear_source_caches()  # rebuild from the packages, not from the cache
-        # charts take 30 s to draw: built once (test_charts_draw_the_same_chart_from_the_same_random_state)
-        b = spec.build(0) if name != "charts" else None
+        b = spec.build(0) if name != "charts" else None  # charts: drawn once, see clear_source_caches
         assert set(a) == {"train", "val", "test"}
         for split in a:
             if b is not None:
