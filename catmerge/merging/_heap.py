@@ -5,7 +5,7 @@ are freed) from the heap, and keeps what is freed there for reuse. When megabyte
 temporaries are freed between smaller blocks that live longer (histograms, gathered entries,
 outputs), the holes cannot be reused in full and the process's RSS grows with every pass,
 though the live data does not. PCB's `merged_vector` on 6 ViT-B/32 blocks of 8 in-memory task
-vectors peaked 1.98 GB above its inputs, and 1.0 GB with every large block mmapped
+vectors peaked 1.93 GB above its resident size before the call, and 1.0 GB with every large block mmapped
 (MALLOC_MMAP_THRESHOLD_=65536, which costs a page fault per page of every temporary).
 `HeapGuard` asks glibc's `malloc_trim` to return the free pages whenever the RSS has grown more
 than `slack` bytes since the last trim: peak 1.30 GB above the inputs with 512 MiB (62 s against
