@@ -16,7 +16,8 @@ stage is timed separately for every method of catmerge.merging.METHOD_NAMES (fou
 here, so a new method module is timed as soon as it lands; `--methods` limits them, Task
 Arithmetic is always included as the reference), one process per method on the same inputs
 (bases given): `merge.methods: [<method>]`, after one `select` of all methods (untimed in the
-tables: merge reads its choice; if it fails, each method gets a `select` of its own). Every method gets its PARAMS defaults, no grid; a method with an
+tables: merge reads its choice; if it fails, each method gets a `select` of its own;
+`--skip-select` writes the choice, each params block as is, without scoring it on val). Every method gets its PARAMS defaults, no grid; a method with an
 `exemplars` param that reads train images (RegMean, RegMean++) gets as many as the train split
 has (recorded in the row's `exemplars`). A method whose select or merge fails is recorded with
 its error and the others go on; the script then exits 1. The JSON is rewritten after each
@@ -223,8 +224,18 @@ def set_overrides(params: dict, overrides: list[str]) -> None:
         params[block][name] = yaml.safe_load(value)
 
 
+def write_choice_without_scoring(project: Path, methods: list[str]) -> None:
+    """metrics/selection.json as `select` writes it when no method has a grid: each method's choice
+    is its params block as is. `select` would also merge every method once and score it on val,
+    which says nothing for random experts and at ViT-L/14 takes about an hour."""
+    from catmerge.io import write_json
+
+    choice = {m: {"chosen": {}, "grid": {}, "note": "not scored on val (benchmarks/scale.py --skip-select)"} for m in methods}
+    write_json({"methods": choice}, project / "metrics" / "selection.json")
+
+
 def measure(arch: str, k: int, workdir: Path, precision: str, keep: bool, methods: list[str], timeout: float | None,
-            overrides: list[str], save=lambda row: None) -> dict:
+            overrides: list[str], save=lambda row: None, skip_select: bool = False) -> dict:
     """One row: the build, the stages and every method's merge. `save(row)` is called with the row
     so far after each method (marked "partial": a run stopped midway keeps what it measured)."""
     project = workdir / f"{arch}-k{k}"
@@ -249,12 +260,17 @@ def measure(arch: str, k: int, workdir: Path, precision: str, keep: bool, method
     # one method's failure does not stop the others.
     row["select"] = {}
     set_methods(project, methods)
-    try:
-        row["select"]["all"] = run_stage(project, "select", timeout=timeout * len(methods) if timeout else None)
+    if skip_select:
+        write_choice_without_scoring(project, methods)
+        row["select"] = "skipped: no grid, so the choice is each params block as is (--skip-select)"
         selected = True
-    except StageFailed as exc:
-        print(f"{arch} K={k}: select of all methods failed ({exc.what}); selecting each method alone", file=sys.stderr, flush=True)
-        selected = False
+    else:
+        try:
+            row["select"]["all"] = run_stage(project, "select", timeout=timeout * len(methods) if timeout else None)
+            selected = True
+        except StageFailed as exc:
+            print(f"{arch} K={k}: select of all methods failed ({exc.what}); selecting each method alone", file=sys.stderr, flush=True)
+            selected = False
     for method in methods:
         set_methods(project, [method])
         try:
@@ -312,6 +328,9 @@ def main() -> None:
     parser.add_argument("--merge-timeout", type=float, default=None,
                         help="seconds allowed to each method's select and to its merge; a method past it is recorded as failed")
     parser.add_argument("--keep", action="store_true", help="keep the built projects in --workdir")
+    parser.add_argument("--skip-select", action="store_true",
+                        help="write select's choice (each params block as is: there is no grid) instead of running select, "
+                             "which merges and scores every method once on val (about an hour at ViT-L/14)")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.PARAM=VALUE",
                         help="override a method's default param (e.g. wudi.iterations=40); recorded in each row's merge_params")
     args = parser.parse_args()
@@ -337,7 +356,7 @@ def main() -> None:
 
     for k in args.tasks:
         rows.append(measure(args.arch, k, workdir.resolve(), args.precision, args.keep, methods, args.merge_timeout, args.set,
-                            save=lambda row: save([*rows, row])))
+                            save=lambda row: save([*rows, row]), skip_select=args.skip_select))
         r = rows[-1]
         merges = ", ".join(f"{m} {r[f'merge_{m}']['seconds']} s ({r[f'merge_{m}']['peak_rss_mb']} MB)" if m not in r["failed"]
                            else f"{m} FAILED" for m in methods)

@@ -145,3 +145,31 @@ def test_scale_refuses_an_unknown_method_or_override(tmp_path, args, message):
                           text=True, timeout=300, check=False)
     assert proc.returncode == 2 and message in proc.stderr
     assert not (tmp_path / "out.json").exists()
+
+
+def test_scale_skip_select_writes_a_choice_merge_accepts(tmp_path):
+    """--skip-select's metrics/selection.json passes merge's check for every method (no grid), and
+    stops passing once a method has a grid, as select's own would."""
+    import importlib.util
+
+    from catmerge.io import ArtifactError
+    from catmerge.merging import METHOD_NAMES
+    from catmerge.params import load_params, method_params
+    from catmerge.selection import chosen_params, read_selection
+
+    spec = importlib.util.spec_from_file_location("scale_script", BENCHMARKS / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    scale.write_choice_without_scoring(tmp_path, list(METHOD_NAMES))
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["merge"]["methods"], raw["select"] = list(METHOD_NAMES), {}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = load_params(tmp_path / "params.yaml")
+    selection = read_selection(params, tmp_path / "metrics" / "selection.json")
+    for method in METHOD_NAMES:
+        chosen, block = chosen_params(params, selection, method), method_params(params, method)
+        assert (chosen is None and block is None) or chosen.model_dump() == block.model_dump(), method  # the block as is
+    raw["select"] = {"task_arithmetic": {"alpha": [0.1, 0.2]}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ArtifactError, match="chosen on the grid"):
+        read_selection(load_params(tmp_path / "params.yaml"), tmp_path / "metrics" / "selection.json")
