@@ -46,7 +46,7 @@ TINY = {
     "faithfulness.py": Tiny(("--run", "tiny={project}", "--out", "{out}"), frozenset({"runs", "criteria", "reported"})),
     "methods_table.py": Tiny(("--run", "tiny={project}", "--out", "{out}"), frozenset({"tiny"})),
     "regime.py": Tiny(("--run", "tiny={project}", "--alphas", "0.3", "--out", "{out}"), frozenset({"tiny"})),
-    "scale.py": Tiny(("--arch", "micro-clip", "--tasks", "2", "--set", "wudi.iterations=5", "--workdir", "{tmp}/scale", "--keep", "--out", "{out}"),
+    "scale.py": Tiny(("--arch", "micro-clip", "--tasks", "2", "--set", "wudi.iterations=5", "--skip-select", "--workdir", "{tmp}/scale", "--keep", "--out", "{out}"),
                      frozenset({"machine", "command", "code", "rows"}), needs_project=False),
 }
 
@@ -119,6 +119,7 @@ def check_scale(result: dict, project: Path) -> None:
         assert row[stage]["seconds"] > 0 and row[stage]["peak_rss_mb"] > 0, stage
     assert set(row["merge_seconds_over_task_arithmetic"]) == set(METHOD_NAMES)
     assert row["merge_params"]["wudi"]["iterations"] == 5  # --set
+    assert row["select"].startswith("skipped")  # --skip-select: merge read the choice it wrote
     assert row["train_images_per_task"] == 4  # 6 written, 2 carved off for validation
     for method in ("regmean", "regmean_plusplus"):
         if method in METHOD_NAMES:  # they read the whole train split as exemplars

@@ -51,14 +51,16 @@ def clear_source_caches():
 
 
 def test_every_task_is_deterministic_and_large_enough():
+    first = {name: spec.build(0) for name, spec in TASKS.items()}
+    clear_source_caches()  # rebuild from the packages, not from the cache: once, so each source is drawn twice in all
     for name, spec in TASKS.items():
-        a = spec.build(0)
-        clear_source_caches()  # rebuild from the packages, not from the cache
+        a = first[name]
         b = spec.build(0) if name != "charts" else None  # charts: drawn once, see clear_source_caches
         assert set(a) == {"train", "val", "test"}
         for split in a:
             if b is not None:
                 assert np.array_equal(a[split].images, b[split].images), name
+                assert np.array_equal(a[split].labels, b[split].labels), name
             assert a[split].images.shape[1:] == (32, 32, 3) and a[split].images.dtype == np.uint8
             assert a[split].labels.max() < len(spec.class_names)
         assert len(a["test"].labels) >= 100, f"{name}: one test image must be well under 1 point"
