@@ -8,7 +8,8 @@ after the validation carve), so the features stage sees the real token counts (5
 B/32, 257 for L/14) with 2 exemplars. These files are given to the `source: open_clip` stages as
 local checkpoints and datasets (hub.pretrained.repo, hub.experts.repo, hub.datasets.<task>.repo),
 and the stages `datasets`, `pretrained`, `experts` and (after bases) `select` write the project's
-artifacts and their manifests exactly as in any run: nothing here writes under data/ or metrics/.
+artifacts and their manifests exactly as in any run: nothing here writes under data/ or metrics/
+(but `--skip-select`, which writes metrics/selection.json in place of `select`).
 
 Each stage runs as its own process, exactly as `dvc repro` runs it (`python -m stages.<name>`),
 and its wall time and peak RSS (GNU time's maximum resident set size) are recorded. The merge
